@@ -1,0 +1,156 @@
+"""The feature specification: every number that decides what a model's input looks like.
+
+A `FeatureSpec` travels with every checkpoint and bundle, so the features a model is served
+with are the features it was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Union
+
+SPEC_VERSION = 1
+
+
+class SpecError(ValueError):
+    """A feature spec that cannot be used: unknown version or field, or a bad value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """Log-mel features of a fixed-length clip.
+
+    The defaults reproduce ``librosa.feature.melspectrogram(y, sr=16000, n_mels=40)`` followed
+    by ``librosa.power_to_db(S, ref=np.max)`` on 1 s clips: 40 mel bands x 32 frames.
+
+    Attributes:
+        sample_rate: Hz.
+        clip_samples: clip length in samples; audio is zero-padded or cut to it.
+        n_fft: FFT size in samples.
+        win_length: analysis window length in samples (<= n_fft, centred inside the FFT frame).
+        hop_length: samples between frames.
+        n_mels: mel bands.
+        fmin, fmax: band edges in Hz; ``fmax=None`` means ``sample_rate / 2``.
+        center: pad ``n_fft // 2`` on both sides so frame ``t`` is centred on sample ``t * hop``.
+        pad_mode: ``"constant"`` (zeros) or ``"reflect"``, used when ``center`` is true.
+        power: exponent of the magnitude spectrogram (2.0 = power, 1.0 = magnitude).
+        mel_norm: ``"slaney"`` (area normalised triangles) or ``None``.
+        htk: HTK mel scale instead of Slaney's.
+        ref: ``"max"`` (0 dB at each clip's loudest bin) or a fixed reference power.
+        amin: floor on power before the logarithm.
+        top_db: dynamic range kept below the peak, in dB; ``None`` keeps all.
+        window: analysis window; only ``"hann"`` (periodic) is supported.
+    """
+
+    sample_rate: int = 16000
+    clip_samples: int = 16000
+    n_fft: int = 2048
+    win_length: int = 2048
+    hop_length: int = 512
+    n_mels: int = 40
+    fmin: float = 0.0
+    fmax: Optional[float] = None
+    center: bool = True
+    pad_mode: str = "constant"
+    power: float = 2.0
+    mel_norm: Optional[str] = "slaney"
+    htk: bool = False
+    ref: Union[str, float] = "max"
+    amin: float = 1e-10
+    top_db: Optional[float] = 80.0
+    window: str = "hann"
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise SpecError(f"FeatureSpec.{field}={getattr(self, field)!r}: {why}")
+
+        for field in ("sample_rate", "clip_samples", "n_fft", "win_length", "hop_length", "n_mels"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                bad(field, "must be a positive integer")
+        if self.win_length > self.n_fft:
+            bad("win_length", f"must not exceed n_fft={self.n_fft}")
+        nyquist = self.sample_rate / 2
+        if not _is_number(self.fmin) or not 0 <= self.fmin < nyquist:
+            bad("fmin", f"must be in [0, {nyquist}) Hz")
+        if self.fmax is not None and (not _is_number(self.fmax) or not self.fmin < self.fmax <= nyquist):
+            bad("fmax", f"must be in (fmin, {nyquist}] Hz or None")
+        if not isinstance(self.center, bool):
+            bad("center", "must be true or false")
+        if self.pad_mode not in ("constant", "reflect"):
+            bad("pad_mode", "must be 'constant' or 'reflect'")
+        if not _is_number(self.power) or self.power <= 0:
+            bad("power", "must be a positive number")
+        if self.mel_norm not in ("slaney", None):
+            bad("mel_norm", "must be 'slaney' or None")
+        if not isinstance(self.htk, bool):
+            bad("htk", "must be true or false")
+        if self.ref != "max" and (not _is_number(self.ref) or self.ref <= 0):
+            bad("ref", "must be 'max' or a positive number")
+        if not _is_number(self.amin) or self.amin <= 0:
+            bad("amin", "must be a positive number")
+        if self.top_db is not None and (not _is_number(self.top_db) or self.top_db < 0):
+            bad("top_db", "must be a non-negative number or None")
+        if self.window != "hann":
+            bad("window", "only 'hann' is supported")
+        if not self.center and self.clip_samples < self.n_fft:
+            bad("clip_samples", f"is shorter than n_fft={self.n_fft} and center is off: no frame fits")
+
+    @property
+    def f_max(self) -> float:
+        """Upper band edge in Hz, with ``None`` resolved."""
+        return float(self.sample_rate / 2 if self.fmax is None else self.fmax)
+
+    @property
+    def n_frames(self) -> int:
+        """Frames per clip."""
+        if self.center:
+            return 1 + self.clip_samples // self.hop_length
+        return 1 + (self.clip_samples - self.n_fft) // self.hop_length
+
+    @property
+    def shape(self) -> tuple:
+        """Feature shape of one clip: ``(n_mels, n_frames)``."""
+        return (self.n_mels, self.n_frames)
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict, with the format version."""
+        return {"version": SPEC_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "FeatureSpec":
+        """Build a spec from `to_dict` output; unknown versions and fields are refused."""
+        if not isinstance(data, dict):
+            raise SpecError(f"feature spec must be a JSON object, got {type(data).__name__}")
+        fields = dict(data)
+        version = fields.pop("version", None)
+        if version != SPEC_VERSION:
+            raise SpecError(
+                f"feature spec version {version!r} is not supported (this version reads {SPEC_VERSION}); "
+                "upgrade the toolkit or re-export the model"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise SpecError(f"feature spec has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**fields)
+
+    @classmethod
+    def preset(cls, name: str) -> "FeatureSpec":
+        """A named configuration: ``"seed"`` (the default, 40 x 32) or ``"fine"`` (30 ms / 10 ms, 40 x 101)."""
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise SpecError(f"unknown feature preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+PRESETS = {
+    "seed": FeatureSpec(),
+    # 30 ms Hann window, 10 ms hop: the usual speech front end; 101 frames per second.
+    "fine": FeatureSpec(n_fft=512, win_length=480, hop_length=160),
+}
