@@ -1,0 +1,1 @@
+"""Training side of the keyword-spotting toolkit: data, features, models, training, evaluation."""

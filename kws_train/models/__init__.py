@@ -1,0 +1,73 @@
+"""Keyword-spotting CNNs: ResNet-18, MobileNetV2, ShuffleNetV2 0.5x.
+
+Every model takes a log-mel batch ``(N, 1, n_mels, frames)`` and returns logits
+``(N, num_classes)``, has QuantStub/DeQuantStub at its ends and a ``fuse_model()`` method for
+eager-mode post-training static quantization, and comes in two variants: ``"seed"`` (the
+ImageNet layout the project started from) and ``"default"`` (adapted to 40-band inputs).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .mobilenetv2 import MobileNetV2, mobilenet_v2
+from .resnet import ResNet, resnet18
+from .shufflenetv2 import ShuffleNetV2, shufflenet_v2_x0_5
+
+__all__ = [
+    "ALIASES",
+    "ARCHITECTURES",
+    "BUILDERS",
+    "MobileNetV2",
+    "ResNet",
+    "ShuffleNetV2",
+    "VARIANTS",
+    "build_model",
+    "canonical_architecture",
+    "mobilenet_v2",
+    "resnet18",
+    "shufflenet_v2_x0_5",
+]
+
+BUILDERS = {
+    "resnet18": resnet18,
+    "mobilenet_v2": mobilenet_v2,
+    "shufflenet_v2_x0_5": shufflenet_v2_x0_5,
+}
+ARCHITECTURES = tuple(BUILDERS)
+VARIANTS = ("default", "seed")
+# Short names accepted on the command line.
+ALIASES = {"resnet": "resnet18", "mobilenet": "mobilenet_v2", "shufflenet": "shufflenet_v2_x0_5"}
+
+
+def canonical_architecture(name: str) -> str:
+    """The full architecture name for `name` or one of its short aliases.
+
+    Raises:
+        ValueError: `name` is neither an architecture nor an alias.
+    """
+    if name in BUILDERS:
+        return name
+    if name in ALIASES:
+        return ALIASES[name]
+    choices = ", ".join(list(ARCHITECTURES) + list(ALIASES))
+    raise ValueError(f"unknown architecture {name!r}; choose one of {choices}")
+
+
+def build_model(architecture: str, num_classes: int, variant: str = "default", in_channels: int = 1) -> nn.Module:
+    """A freshly initialised model.
+
+    Args:
+        architecture: one of `ARCHITECTURES` or an alias (``"resnet"``, ``"mobilenet"``, ``"shufflenet"``).
+        num_classes: output logits.
+        variant: ``"default"`` or ``"seed"``.
+        in_channels: input planes (1 for a log-mel spectrogram).
+
+    Raises:
+        ValueError: unknown architecture or variant, or a bad class count.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return BUILDERS[canonical_architecture(architecture)](num_classes=num_classes, in_channels=in_channels, variant=variant)
