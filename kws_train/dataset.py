@@ -1,0 +1,460 @@
+"""Speech Commands on disk: clips, speaker splits, the 12- and 35-class tasks.
+
+A dataset root has the official layout ``<word>/<speaker>_nohash_<n>.wav`` with optional
+``validation_list.txt`` / ``testing_list.txt`` and ``_background_noise_/``. The official
+12-class test archive adds ``_unknown_/<word>_<speaker>_nohash_<n>.wav`` and
+``_silence_/*.wav``; those folders are read as test clips labelled ``_unknown_`` and
+``_silence_``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import math
+import re
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from kws_runtime.audio import AudioError, fit_length, is_audio_file, load_audio, read_audio
+from kws_runtime.spec import FeatureSpec
+
+SILENCE = "_silence_"
+UNKNOWN = "_unknown_"
+BACKGROUND_NOISE = "_background_noise_"
+NOHASH = "_nohash_"
+SPLITS = ("training", "validation", "testing")
+COMMANDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+LABELS_12 = [SILENCE, UNKNOWN, *COMMANDS]
+# v0.01 words, then the five v0.02 added.
+LABELS_35 = [
+    *COMMANDS,
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "bed", "bird", "cat", "dog", "happy", "house", "marvin", "sheila", "tree", "wow",
+    "backward", "forward", "follow", "learn", "visual",
+]  # fmt: skip
+TASKS = ("12", "35")
+
+# TensorFlow's speech_commands input_data.py: the hash is taken modulo 2**27 and scaled by
+# 100 / (2**27 - 1), so a speaker keeps its split as files are added.
+_MAX_NUM_WAVS_PER_CLASS = 2**27 - 1
+_NOHASH_RE = re.compile(r"_nohash_.*$")
+_NOISE_MAX_SECONDS = 600.0
+
+
+class DatasetError(ValueError):
+    """A dataset folder or task request that cannot be used; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """One recording.
+
+    Attributes:
+        path: the audio file.
+        word: its folder (``_unknown_`` / ``_silence_`` for the test archive's folders).
+        speaker: speaker id (see `speaker_of`).
+        split: ``"training"``, ``"validation"`` or ``"testing"``.
+    """
+
+    path: Path
+    word: str
+    speaker: str
+    split: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One labelled training input.
+
+    ``start`` (samples) and ``gain`` matter for silence examples, which point at a long
+    background-noise recording: the input is ``gain * noise[start:start + clip_samples]``.
+    """
+
+    path: Path
+    label: str
+    speaker: str
+    start: int = 0
+    gain: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSplit:
+    """The examples of one split of a task; ``labels`` are in model output order."""
+
+    labels: list
+    examples: list
+
+    def label_index(self, example: Example) -> int:
+        """Class index of an example's label."""
+        return self.labels.index(example.label)
+
+    def counts(self) -> dict:
+        """Examples per label, in label order."""
+        c = collections.Counter(e.label for e in self.examples)
+        return {label: c.get(label, 0) for label in self.labels}
+
+
+def speaker_of(path) -> str:
+    """Speaker id of a clip: the file name before ``_nohash_``.
+
+    The test archive's ``_unknown_/<word>_<speaker>_nohash_<n>.wav`` gives ``<speaker>``.
+    A name without ``_nohash_`` (e.g. ``_silence_/1037.wav``) is its own speaker: its stem.
+    """
+    name = Path(path).name
+    if NOHASH not in name:
+        return Path(name).stem
+    prefix = name.split(NOHASH, 1)[0]
+    return prefix.rsplit("_", 1)[-1]
+
+
+def which_set(filename, validation_percentage: float = 10.0, testing_percentage: float = 10.0) -> str:
+    """The dataset's own split rule (TensorFlow speech_commands ``which_set``).
+
+    SHA-1 of the file name up to ``_nohash_``, as an integer modulo 2**27, scaled to a
+    percentage: below ``validation_percentage`` -> validation, below the sum -> testing.
+    """
+    hash_name = _NOHASH_RE.sub("", Path(filename).name)
+    value = int(hashlib.sha1(hash_name.encode("utf-8")).hexdigest(), 16)
+    percentage = (value % (_MAX_NUM_WAVS_PER_CLASS + 1)) * (100.0 / _MAX_NUM_WAVS_PER_CLASS)
+    if percentage < validation_percentage:
+        return "validation"
+    if percentage < validation_percentage + testing_percentage:
+        return "testing"
+    return "training"
+
+
+def index_dataset(root, validation_percentage: float = 10.0, testing_percentage: float = 10.0) -> list:
+    """All clips under a dataset root, with their splits.
+
+    Splits come from ``validation_list.txt`` and ``testing_list.txt`` (everything else is
+    training); without both lists, from `which_set`. Clips in ``_unknown_/`` and
+    ``_silence_/`` (folders only the official test archive has) are always ``testing``.
+
+    Returns:
+        Clips sorted by path relative to ``root``.
+
+    Raises:
+        DatasetError: ``root`` missing, not a folder, only one list present, or no clips.
+    """
+    root = _check_root(root)
+    lists = {name: root / f"{name}_list.txt" for name in ("validation", "testing")}
+    present = [name for name, p in lists.items() if p.is_file()]
+    if len(present) == 1:
+        missing = ({"validation", "testing"} - set(present)).pop()
+        raise DatasetError(
+            f"{root}: has {present[0]}_list.txt but no {missing}_list.txt; restore it, "
+            "or remove both to split by the speaker hash rule"
+        )
+    listed = {}
+    for name in present:
+        for rel in read_list(lists[name]):
+            listed[rel] = name
+    clips = []
+    for word, path in _audio_files(root):
+        rel = path.relative_to(root).as_posix()
+        if word in (UNKNOWN, SILENCE):
+            split = "testing"
+        elif present:
+            split = listed.get(rel, "training")
+        else:
+            split = which_set(path.name, validation_percentage, testing_percentage)
+        clips.append(Clip(path, word, speaker_of(path), split))
+    if not clips:
+        raise DatasetError(
+            f"{root}: no clips found; expected the Speech Commands layout <word>/<speaker>_nohash_<n>.wav "
+            "(run `kws-data download` or `kws-data synth` to make one)"
+        )
+    return clips
+
+
+def read_list(path) -> list:
+    """Relative clip paths from a ``*_list.txt`` file (one per line, blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip().replace("\\", "/") for line in f if line.strip()]
+
+
+def split_by_speaker(
+    clips: Iterable[Clip], validation_fraction: float = 0.1, testing_fraction: float = 0.1, salt: str = ""
+) -> list:
+    """Re-split clips by speaker: SHA-1 of ``salt + speaker`` as a fraction in [0, 1).
+
+    For data whose official split does not suit an experiment (the real sample here is all
+    official test set). Every clip of a speaker lands in the same split; a speaker keeps its
+    split when clips are added; a different ``salt`` gives an independent split.
+    """
+    if not (0 <= validation_fraction and 0 <= testing_fraction and validation_fraction + testing_fraction <= 1):
+        raise DatasetError(
+            f"fractions must be >= 0 and sum to at most 1, got validation={validation_fraction}, testing={testing_fraction}"
+        )
+    out = []
+    for clip in clips:
+        digest = hashlib.sha1(f"{salt}{clip.speaker}".encode("utf-8")).digest()
+        u = int.from_bytes(digest[:8], "big") / 2.0**64
+        if u < validation_fraction:
+            split = "validation"
+        elif u < validation_fraction + testing_fraction:
+            split = "testing"
+        else:
+            split = "training"
+        out.append(dataclasses.replace(clip, split=split))
+    return out
+
+
+def noise_files(root) -> list:
+    """Audio files in ``root/_background_noise_`` (or ``root`` itself if it holds them), sorted."""
+    root = Path(root)
+    folder = root / BACKGROUND_NOISE if (root / BACKGROUND_NOISE).is_dir() else root
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_audio_file(p) and not p.name.startswith("."))
+
+
+def background_noise(root, sample_rate: int = 16000) -> list:
+    """The background-noise recordings of a dataset as float32 mono arrays at ``sample_rate``."""
+    return [_noise(str(p), sample_rate) for p in noise_files(root)]
+
+
+@functools.lru_cache(maxsize=32)
+def _noise(path: str, sample_rate: int) -> np.ndarray:
+    audio = read_audio(path, sample_rate, max_seconds=_NOISE_MAX_SECONDS)
+    audio.setflags(write=False)
+    return audio
+
+
+def build_task(
+    clips: Sequence[Clip],
+    task: str = "12",
+    split: str = "training",
+    root=None,
+    silence_percentage: float = 10.0,
+    unknown_percentage: float = 10.0,
+    seed: int = 0,
+    spec: FeatureSpec = FeatureSpec(),
+) -> TaskSplit:
+    """The examples of one split of a standard task.
+
+    12-class: the ten commands keep their word; ``unknown_percentage`` % (of the number of
+    command clips) other-word clips are drawn as ``_unknown_``, and ``silence_percentage`` %
+    silence examples are cut from ``root``'s background noise at a random start and a gain
+    uniform in [0, 1) -- as TensorFlow's recipe does. Clips already labelled ``_unknown_`` /
+    ``_silence_`` (the test archive) are kept as they are and nothing is drawn for that label.
+    35-class: every clip of the 35 words, nothing added.
+
+    Args:
+        clips: from `index_dataset` (or `split_by_speaker`).
+        task: ``"12"`` or ``"35"``.
+        split: which split's clips to use.
+        root: folder with ``_background_noise_/`` (needed only when silence is drawn).
+        silence_percentage, unknown_percentage: percent of the command-word count.
+        seed: drives every random choice; same inputs and seed -> same examples.
+        spec: sample rate and clip length used to place silence windows.
+
+    Returns:
+        A `TaskSplit`: targets in clip order, then unknown, then silence examples.
+    """
+    task = str(task)
+    if task not in TASKS:
+        raise DatasetError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    for name, value in (("silence_percentage", silence_percentage), ("unknown_percentage", unknown_percentage)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise DatasetError(f"{name} must be a finite number >= 0, got {value}")
+    chosen = [c for c in clips if c.split == split]
+    if task == "35":
+        known = set(LABELS_35)
+        return TaskSplit(list(LABELS_35), [_example(c, c.word) for c in chosen if c.word in known])
+
+    rng = np.random.default_rng(seed)
+    commands = set(COMMANDS)
+    targets = [_example(c, c.word) for c in chosen if c.word in commands]
+    given_unknown = [_example(c, UNKNOWN) for c in chosen if c.word == UNKNOWN]
+    given_silence = [_example(c, SILENCE) for c in chosen if c.word == SILENCE]
+    others = [c for c in chosen if c.word not in commands and c.word not in (UNKNOWN, SILENCE)]
+
+    unknown = given_unknown
+    if not given_unknown and others:
+        n = min(len(others), math.ceil(len(targets) * unknown_percentage / 100.0))
+        picks = rng.choice(len(others), size=n, replace=False) if n else []
+        unknown = [_example(others[i], UNKNOWN) for i in sorted(picks)]
+
+    silence = given_silence
+    n_silence = math.ceil(len(targets) * silence_percentage / 100.0)
+    if not given_silence and n_silence:
+        silence = _silence_examples(root, n_silence, rng, spec)
+    return TaskSplit(list(LABELS_12), targets + unknown + silence)
+
+
+def _example(clip: Clip, label: str) -> Example:
+    return Example(clip.path, label, clip.speaker)
+
+
+def _silence_examples(root, n: int, rng: np.random.Generator, spec: FeatureSpec) -> list:
+    files = noise_files(root) if root is not None else []
+    if not files:
+        raise DatasetError(
+            f"silence examples are cut from background noise, but {root!s} has no {BACKGROUND_NOISE}/ recordings; "
+            "pass root= a dataset that has them, or silence_percentage=0"
+        )
+    lengths = [len(_noise(str(p), spec.sample_rate)) for p in files]
+    usable = [i for i, n_samples in enumerate(lengths) if n_samples >= spec.clip_samples]
+    if not usable:
+        raise DatasetError(f"every recording in {files[0].parent} is shorter than one clip ({spec.clip_samples} samples)")
+    out = []
+    for _ in range(n):
+        i = usable[int(rng.integers(len(usable)))]
+        start = int(rng.integers(0, lengths[i] - spec.clip_samples + 1))
+        gain = float(rng.uniform(0.0, 1.0))
+        out.append(Example(files[i], SILENCE, "", start, gain))
+    return out
+
+
+def load_example(example: Example, spec: FeatureSpec = FeatureSpec()) -> np.ndarray:
+    """The waveform of an example: float32 ``(spec.clip_samples,)`` at ``spec.sample_rate``."""
+    if example.label != SILENCE:
+        audio = load_audio(example.path, spec)
+    else:
+        # Noise recordings are long and read for every silence example: keep them decoded.
+        if example.start or Path(example.path).parent.name == BACKGROUND_NOISE:
+            source = _noise(str(example.path), spec.sample_rate)
+        else:
+            source = read_audio(example.path, spec.sample_rate, max_seconds=_NOISE_MAX_SECONDS)
+        if example.start >= len(source):
+            raise DatasetError(f"{example.path}: silence window starts at sample {example.start}, past its end ({len(source)} samples)")
+        audio = fit_length(source[example.start : example.start + spec.clip_samples], spec.clip_samples)
+    if example.gain != 1.0:
+        audio = audio * np.float32(example.gain)
+    return np.asarray(audio, dtype=np.float32)
+
+
+def describe_dataset(root, progress: bool = False, max_seconds: float = 1.0) -> dict:
+    """Counts and problems of a dataset folder, as plain JSON-ready data.
+
+    Every clip is opened (through the runtime's `read_audio` checks) so broken files show
+    up here rather than mid-training.
+
+    Returns:
+        ``{"root", "split_source", "clips", "splits", "words": {word: {split: n}},
+        "speakers": {"total", <split>: n}, "duration_s": {"min", "mean", "max"},
+        "short_clips", "sample_rates": {rate: n}, "channels": {n: n},
+        "background_noise": [{"file", "seconds", "sample_rate"}], "problems": [{"path", "problem"}]}``.
+        Problems: unreadable files, sample rate not 16 kHz, more than one channel, longer than
+        ``max_seconds``, all-zero audio, names without ``_nohash_``, a speaker in several
+        splits, list entries with no file or in both lists.
+    """
+    import soundfile
+    from tqdm import tqdm
+
+    root = _check_root(root)
+    clips = index_dataset(root)
+    problems = []
+    has_lists = (root / "validation_list.txt").is_file()
+    listed = {}
+    if has_lists:
+        for name in ("validation", "testing"):
+            for rel in read_list(root / f"{name}_list.txt"):
+                if rel in listed:
+                    problems.append({"path": rel, "problem": f"listed in both {listed[rel]}_list.txt and {name}_list.txt"})
+                listed[rel] = name
+                if not (root / rel).is_file():
+                    problems.append({"path": rel, "problem": f"in {name}_list.txt but the file does not exist"})
+
+    words: dict = collections.defaultdict(lambda: {s: 0 for s in SPLITS})
+    speakers: dict = collections.defaultdict(set)
+    rates: collections.Counter = collections.Counter()
+    channels: collections.Counter = collections.Counter()
+    durations = []
+    short = 0
+    for clip in tqdm(clips, unit=" clips", desc="checking", disable=not progress, leave=False):
+        rel = clip.path.relative_to(root).as_posix()
+        words[clip.word][clip.split] += 1
+        if clip.word != SILENCE:
+            speakers[clip.speaker].add(clip.split)
+            if NOHASH not in clip.path.name:
+                problems.append({"path": rel, "problem": "name has no _nohash_: cannot tell its speaker"})
+        try:
+            info = soundfile.info(str(clip.path))
+            audio = read_audio(clip.path, info.samplerate, max_seconds=_NOISE_MAX_SECONDS)
+        except (AudioError, soundfile.SoundFileError, RuntimeError) as exc:
+            reason = exc.reason if isinstance(exc, AudioError) else str(exc)
+            problems.append({"path": rel, "problem": f"unreadable: {reason}"})
+            continue
+        rates[info.samplerate] += 1
+        channels[info.channels] += 1
+        seconds = info.frames / info.samplerate
+        durations.append(seconds)
+        if info.samplerate != 16000:
+            problems.append({"path": rel, "problem": f"sample rate {info.samplerate} Hz, expected 16000"})
+        if info.channels != 1:
+            problems.append({"path": rel, "problem": f"{info.channels} channels, expected mono"})
+        if seconds > max_seconds + 1e-9:
+            problems.append({"path": rel, "problem": f"{seconds:.3f} s long, over {max_seconds:g} s"})
+        elif seconds < max_seconds - 1e-9:
+            short += 1
+        if not np.any(audio):
+            problems.append({"path": rel, "problem": "digital silence (all samples are zero)"})
+    for speaker, splits in sorted(speakers.items()):
+        if len(splits) > 1:
+            problems.append({"path": speaker, "problem": f"speaker appears in several splits: {', '.join(sorted(splits))}"})
+
+    noise = []
+    for path in noise_files(root / BACKGROUND_NOISE) if (root / BACKGROUND_NOISE).is_dir() else []:
+        try:
+            info = soundfile.info(str(path))
+            noise.append({"file": path.name, "seconds": round(info.frames / info.samplerate, 2), "sample_rate": info.samplerate})
+        except (soundfile.SoundFileError, RuntimeError) as exc:
+            problems.append({"path": path.relative_to(root).as_posix(), "problem": f"unreadable: {exc}"})
+
+    split_counts = collections.Counter(c.split for c in clips)
+    return {
+        "root": str(root),
+        "split_source": "validation_list.txt/testing_list.txt" if has_lists else "speaker hash rule",
+        "clips": len(clips),
+        "splits": {s: split_counts.get(s, 0) for s in SPLITS},
+        "words": {w: words[w] for w in sorted(words)},
+        "speakers": {"total": len(speakers), **{s: sum(1 for v in speakers.values() if s in v) for s in SPLITS}},
+        "duration_s": {
+            "min": round(min(durations), 4) if durations else None,
+            "mean": round(float(np.mean(durations)), 4) if durations else None,
+            "max": round(max(durations), 4) if durations else None,
+        },
+        "short_clips": short,
+        "sample_rates": {str(k): v for k, v in sorted(rates.items())},
+        "channels": {str(k): v for k, v in sorted(channels.items())},
+        "background_noise": noise,
+        "problems": problems,
+    }
+
+
+def _check_root(root) -> Path:
+    if root is None:
+        raise DatasetError("no dataset folder given")
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder (expected a dataset root with <word>/ subfolders)")
+    return root
+
+
+def _audio_files(root: Path):
+    """(word, path) for every clip: audio files one level below root, noise excluded."""
+    for folder in sorted(root.iterdir(), key=lambda p: p.name):
+        if not folder.is_dir() or folder.name == BACKGROUND_NOISE or folder.name.startswith("."):
+            continue
+        for path in sorted(folder.iterdir(), key=lambda p: p.name):
+            if path.is_file() and is_audio_file(path) and not path.name.startswith("."):
+                yield folder.name, path
+
+
+__all__ = [
+    "BACKGROUND_NOISE", "COMMANDS", "LABELS_12", "LABELS_35", "SILENCE", "SPLITS", "TASKS", "UNKNOWN",
+    "AudioError", "Clip", "DatasetError", "Example", "TaskSplit",
+    "background_noise", "build_task", "describe_dataset", "index_dataset", "load_example", "noise_files", "read_list",
+    "speaker_of", "split_by_speaker", "which_set",
+]  # fmt: skip
