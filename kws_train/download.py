@@ -261,8 +261,8 @@ def _matches(path: Path, sha256: Optional[str], size: Optional[int]) -> bool:
 def extract_archive(archive, target, progress: bool = False) -> Path:
     """Extract a tar(.gz) archive so that ``target`` appears complete or not at all.
 
-    Members are unpacked with tarfile's ``data`` filter (no absolute paths, no ``..``, no
-    links leaving the folder, no device files) into a temporary folder beside ``target``,
+    Members are unpacked with tarfile's ``data`` filter (no ``..``, no links leaving the
+    folder, no device files), and absolute names are refused rather than stripped, into a temporary folder beside ``target``,
     which is renamed to ``target`` only after every member was written.
 
     Raises:
@@ -279,7 +279,7 @@ def extract_archive(archive, target, progress: bool = False) -> Path:
     try:
         try:
             with tarfile.open(archive, "r:*") as tar:
-                tar.extractall(tmp, members=_counted(tar, archive, progress), filter="data")
+                tar.extractall(tmp, members=_counted(tar, archive, progress), filter=_strict_filter)
         except tarfile.FilterError as exc:
             raise DownloadError(f"{archive}: refused unsafe archive member ({exc}); nothing was extracted") from None
         except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
@@ -289,6 +289,14 @@ def extract_archive(archive, target, progress: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _strict_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    # The data filter would quietly strip a leading "/"; an official archive never has one,
+    # so an absolute name means the file is not what it claims to be.
+    if member.name.startswith(("/", "\\")) or os.path.isabs(member.name):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
 
 
 def _counted(tar, archive: Path, enabled: bool):

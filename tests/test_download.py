@@ -1,0 +1,309 @@
+"""The downloader against a real HTTP server on loopback serving archives built from real clips."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from kws_train import download as dl
+
+TEST_WORDS = ("yes", "no", "left")
+CLIPS_PER_WORD = 4
+
+
+class LoopbackServer:
+    """Serves ``files`` (name -> bytes) with Range support; can drop a response mid-body."""
+
+    def __init__(self, files: dict):
+        self.files = dict(files)
+        self.requests: list = []  # (path, Range header or None, body bytes sent)
+        self.drop_at: int | None = None  # byte offset at which the next full body is cut
+        self.ignore_range = False
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                name = self.path.rsplit("/", 1)[-1]
+                rng = self.headers.get("Range")
+                if name not in server.files:
+                    server.requests.append((name, rng, 0))
+                    self.send_error(404, "Not Found")
+                    return
+                data = server.files[name]
+                start = 0
+                if rng and not server.ignore_range:
+                    start = int(rng.split("=", 1)[1].split("-", 1)[0])
+                    if start >= len(data):
+                        server.requests.append((name, rng, 0))
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/gzip")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if server.drop_at is not None and start < server.drop_at:
+                    body = body[: server.drop_at - start]
+                    server.drop_at = None  # once
+                self.wfile.write(body)
+                self.wfile.flush()
+                server.requests.append((name, rng, len(body)))
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def build_archive(real_data: Path, extra: list | None = None) -> tuple[bytes, dict]:
+    """A tar.gz in the official archive's layout (``./word/file.wav`` + lists) from real clips.
+
+    Returns the archive bytes and {relative path: file bytes} of what it holds.
+    """
+    members = {}
+    for word in TEST_WORDS:
+        for path in sorted((real_data / word).glob("*.wav"))[:CLIPS_PER_WORD]:
+            members[f"{word}/{path.name}"] = path.read_bytes()
+    names = sorted(members)
+    members["validation_list.txt"] = (names[0] + "\n").encode()
+    members["testing_list.txt"] = (names[1] + "\n").encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for rel, data in members.items():
+            info = tarfile.TarInfo("./" + rel)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info, data in extra or []:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue(), members
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+NAME = dl.archive_info("0.02").filename
+DIRNAME = dl.archive_info("0.02").dirname
+
+
+@pytest.fixture(scope="module")
+def archive(real_data):
+    return build_archive(real_data)
+
+
+def fetch_dataset(server, out, data, **kw):
+    kw.setdefault("sha256", sha256(data))
+    kw.setdefault("size", len(data))
+    return dl.download_speech_commands(out, "0.02", base_url=server.url, progress=False, **kw)
+
+
+def leftovers(out: Path) -> list:
+    """Anything in ``out`` except the finished dataset folder."""
+    return sorted(p.name for p in out.iterdir() if p.name != DIRNAME) if out.exists() else []
+
+
+def test_full_download_extracts_verified_files_and_is_idempotent(tmp_path, archive):
+    data, members = archive
+    with LoopbackServer({NAME: data}) as server:
+        target = fetch_dataset(server, tmp_path, data)
+        assert target == tmp_path / DIRNAME
+        for rel, content in members.items():
+            assert (target / rel).read_bytes() == content
+        stamp = (target / dl.STAMP_NAME).read_text()
+        assert sha256(data) in stamp
+        assert leftovers(tmp_path) == []  # archive removed, no temp folders
+        n_requests = len(server.requests)
+        assert fetch_dataset(server, tmp_path, data) == target
+        assert len(server.requests) == n_requests  # verified data is not fetched again
+
+
+def test_keep_archive_and_reuse_of_a_verified_archive(tmp_path, archive):
+    data, _ = archive
+    with LoopbackServer({NAME: data}) as server:
+        target = fetch_dataset(server, tmp_path, data, keep_archive=True)
+        assert (tmp_path / NAME).read_bytes() == data
+        # The extraction is lost but the archive is intact: no new download is needed.
+        import shutil
+
+        shutil.rmtree(target)
+        n_requests = len(server.requests)
+        fetch_dataset(server, tmp_path, data, keep_archive=True)
+        assert len(server.requests) == n_requests
+        assert (target / "yes").is_dir()
+
+
+def test_interrupted_download_resumes_with_a_range_request(tmp_path, archive):
+    data, members = archive
+    cut = len(data) // 2
+    with LoopbackServer({NAME: data}) as server:
+        server.drop_at = cut
+        with pytest.raises(dl.DownloadError, match="interrupted.*run the same command again"):
+            fetch_dataset(server, tmp_path, data, retries=0)
+        part = tmp_path / (NAME + ".part")
+        assert part.stat().st_size == cut
+        assert not (tmp_path / DIRNAME).exists()
+
+        target = fetch_dataset(server, tmp_path, data, retries=0)
+        name, rng, sent = server.requests[-1]
+        assert rng == f"bytes={cut}-"
+        assert sent == len(data) - cut  # only the missing tail travelled again
+        assert (target / "yes").is_dir() and not part.exists()
+        assert {p.relative_to(target).as_posix() for p in target.rglob("*.wav")} == {
+            r for r in members if r.endswith(".wav")
+        }
+
+
+def test_a_dropped_connection_is_resumed_within_one_call(tmp_path, archive):
+    data, _ = archive
+    with LoopbackServer({NAME: data}) as server:
+        server.drop_at = len(data) // 3
+        fetch_dataset(server, tmp_path, data, retries=2)
+        assert [r[1] for r in server.requests] == [None, f"bytes={len(data) // 3}-"]
+
+
+def test_server_ignoring_range_restarts_from_zero(tmp_path, archive):
+    data, _ = archive
+    part = tmp_path / (NAME + ".part")
+    part.write_bytes(b"\0" * 100)  # garbage that a resume would keep
+    with LoopbackServer({NAME: data}) as server:
+        server.ignore_range = True
+        target = fetch_dataset(server, tmp_path, data)
+        assert server.requests[-1][2] == len(data)
+        assert (target / "no").is_dir()
+
+
+def test_corrupted_archive_fails_its_checksum_and_is_removed(tmp_path, archive):
+    data, _ = archive
+    corrupt = bytearray(data)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    with LoopbackServer({NAME: bytes(corrupt)}) as server:
+        with pytest.raises(dl.DownloadError, match="sha256 mismatch") as err:
+            fetch_dataset(server, tmp_path, data)
+    assert sha256(data) in str(err.value)
+    assert not (tmp_path / DIRNAME).exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_wrong_size_is_refused(tmp_path, archive):
+    data, _ = archive
+    with LoopbackServer({NAME: data + b"extra"}) as server:
+        with pytest.raises(dl.DownloadError, match=f"expected {len(data)}"):
+            fetch_dataset(server, tmp_path, data)
+    assert leftovers(tmp_path) == []
+
+
+def test_broken_archive_leaves_no_half_extracted_dataset(tmp_path, archive):
+    data, _ = archive
+    broken = data[: int(len(data) * 0.7)]  # a gzip stream cut short, checksum as "published"
+    with LoopbackServer({NAME: broken}) as server:
+        with pytest.raises(dl.DownloadError, match="broken archive.*nothing was extracted"):
+            fetch_dataset(server, tmp_path, broken)
+    assert not (tmp_path / DIRNAME).exists()
+    assert not [p for p in tmp_path.iterdir() if ".extracting-" in p.name]
+
+
+def _member(name, kind=tarfile.REGTYPE, linkname=""):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    data = None
+    if kind == tarfile.REGTYPE:
+        data = b"escaped"
+        info.size = len(data)
+    return info, data
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        _member("../evil.wav"),
+        _member("./yes/../../evil.wav"),
+        _member("/tmp/kws-test-absolute-evil.wav"),
+        _member("./yes/link.wav", tarfile.SYMTYPE, "../../evil.wav"),
+        _member("./yes/abs-link.wav", tarfile.SYMTYPE, "/etc/passwd"),
+        _member("./yes/hard.wav", tarfile.LNKTYPE, "/etc/passwd"),
+    ],
+    ids=["dotdot", "nested-dotdot", "absolute", "symlink-out", "symlink-absolute", "hardlink-absolute"],
+)
+def test_unsafe_members_are_refused_and_nothing_is_extracted(tmp_path, real_data, member):
+    data, _ = build_archive(real_data, extra=[member])
+    out = tmp_path / "out"
+    with LoopbackServer({NAME: data}) as server:
+        with pytest.raises(dl.DownloadError, match="refused unsafe archive member"):
+            fetch_dataset(server, out, data)
+    assert not (out / DIRNAME).exists()
+    assert not [p for p in out.iterdir() if ".extracting-" in p.name]
+    assert not (tmp_path / "evil.wav").exists() and not (out / "evil.wav").exists()
+    assert not Path("/tmp/kws-test-absolute-evil.wav").exists()
+
+
+def test_http_404_says_which_url(tmp_path, archive):
+    with LoopbackServer({}) as server:
+        with pytest.raises(dl.DownloadError, match=r"HTTP 404.*--base-url") as err:
+            fetch_dataset(server, tmp_path, archive[0])
+    assert server.url + NAME in str(err.value)
+    assert not (tmp_path / DIRNAME).exists()
+
+
+def test_unreachable_mirror_is_a_clear_error(tmp_path):
+    with pytest.raises(dl.DownloadError, match="cannot reach"):
+        dl.download_speech_commands(tmp_path, "0.02", base_url="http://127.0.0.1:9/", progress=False)
+
+
+def test_existing_unverified_folder_is_not_overwritten(tmp_path, archive):
+    data, _ = archive
+    (tmp_path / DIRNAME).mkdir()
+    (tmp_path / DIRNAME / "mine.txt").write_text("user data")
+    with LoopbackServer({NAME: data}) as server:
+        with pytest.raises(dl.DownloadError, match="not a verified download"):
+            fetch_dataset(server, tmp_path, data)
+        assert server.requests == []
+    assert (tmp_path / DIRNAME / "mine.txt").read_text() == "user data"
+
+
+def test_published_archives_and_versions():
+    assert dl.archive_info("0.02").filename == "speech_commands_v0.02.tar.gz"
+    assert dl.archive_info("v0.01", test_set=True).dirname == "speech_commands_test_set_v0.01"
+    for (version, test_set), info in dl.ARCHIVES.items():
+        assert info.filename.endswith(f"v{version}.tar.gz")
+        assert ("test_set" in info.filename) == test_set
+        if info.sha256 is not None:
+            assert len(info.sha256) == 64 and int(info.sha256, 16) >= 0
+    with pytest.raises(dl.DownloadError, match="unknown Speech Commands version"):
+        dl.archive_info("0.03")
+
+
+def test_unpublished_checksum_is_measured_and_recorded(tmp_path, archive):
+    data, _ = archive
+    info = dl.archive_info("0.01", test_set=True)
+    assert info.sha256 is None  # nothing to pin: the size comes from Content-Length
+    with LoopbackServer({info.filename: data}) as server:
+        target = dl.download_speech_commands(tmp_path, "0.01", True, base_url=server.url, progress=False)
+        assert sha256(data) in (target / dl.STAMP_NAME).read_text()
+        n = len(server.requests)
+        dl.download_speech_commands(tmp_path, "0.01", True, base_url=server.url, progress=False)
+        assert len(server.requests) == n
+    assert os.listdir(tmp_path) == [info.dirname]
