@@ -23,15 +23,16 @@ class LogMel(nn.Module):
     """Waveforms ``(N, samples)`` -> log-mel dB ``(N, n_mels, frames)``, per `FeatureSpec`.
 
     Precision: the FFT's rounding error is white noise at about 1e-7 of each frame's
-    energy, which is far below anything a model sees, but shows up in weak bins 70-80 dB
-    under the clip's peak: with a float32 FFT the worst bin over the 3,216 real clips
-    differs from the runtime by 1.4e-3 dB ("fine" preset; 8e-4 for "seed"), and by under
-    2e-4 dB everywhere above -70 dB. So the FFT runs in float64 on the CPU (1e-3 dB holds
-    for every bin, for about 1.6x the FFT time) and in float32 on accelerators, where
-    float64 can be many times slower; ``fft_dtype`` overrides the choice. Everything after
-    the FFT is float32 (the power is cast first), with the dB reference divided out before
-    the logarithm, ``10 * log10(mel / ref)``, rather than subtracting two large logarithms.
-    Autocast is switched off inside, so the features stay float32 under mixed precision.
+    energy: far below anything a model notices, but visible in weak bins 70-80 dB under
+    the clip's peak. With a float32 FFT the worst bin over the 3,216 real clips differs
+    from the runtime by 1.4e-3 dB ("fine" preset; 8e-4 for "seed"), by under 7e-4 dB
+    above -70 dB and under 2e-4 dB above -60 dB. So the FFT runs in float64 on the CPU
+    (1e-3 dB then holds for every bin, for about 1.6x the FFT time) and in float32 on
+    accelerators, where float64 can be many times slower; ``fft_dtype`` overrides the
+    choice. Everything after the FFT is float32 (the power is cast first), with the dB
+    reference divided out before the logarithm, ``10 * log10(mel / ref)``, rather than
+    subtracting two large logarithms. Autocast is off inside: features stay float32
+    under mixed precision.
 
     Args:
         spec: the feature spec; ``spec.clip_samples`` is not enforced, any length that
