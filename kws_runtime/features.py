@@ -7,6 +7,8 @@ trained on and the features it is served with cannot drift apart.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .spec import FeatureSpec
@@ -74,9 +76,28 @@ def _as_batch(audio) -> tuple:
         raise ValueError(f"audio must have shape (samples,) or (clips, samples), got {x.shape}")
     if x.shape[-1] == 0:
         raise ValueError("audio is empty")
-    if not np.issubdtype(x.dtype, np.floating):
+    if x.dtype.kind != "f":
         raise ValueError(f"audio must be floating point in [-1, 1], got {x.dtype}")
     return x.reshape(-1, x.shape[-1]), x.ndim == 1
+
+
+def _padded_length(n_samples: int, spec: FeatureSpec) -> int:
+    padded = n_samples + (2 * (spec.n_fft // 2) if spec.center else 0)
+    if padded < spec.n_fft:
+        raise ValueError(f"audio of {padded} samples is shorter than n_fft={spec.n_fft}")
+    return padded
+
+
+def _frames(padded: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    # A strided view: (..., frames, n_fft) over the padded audio, no copy.
+    return np.lib.stride_tricks.sliding_window_view(padded, spec.n_fft, axis=-1)[..., :: spec.hop_length, :]
+
+
+def _pad(batch: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    if not spec.center:
+        return batch.astype(np.float64, copy=False)
+    half = spec.n_fft // 2
+    return np.pad(batch.astype(np.float64, copy=False), ((0, 0), (half, half)), mode=spec.pad_mode)
 
 
 def power_spectrogram(audio, spec: FeatureSpec = _DEFAULT) -> np.ndarray:
@@ -89,14 +110,8 @@ def power_spectrogram(audio, spec: FeatureSpec = _DEFAULT) -> np.ndarray:
         float64 array ``(clips, frames, n_fft // 2 + 1)`` (a leading axis even for one clip).
     """
     batch, _ = _as_batch(audio)
-    batch = batch.astype(np.float64, copy=False)
-    if spec.center:
-        half = spec.n_fft // 2
-        batch = np.pad(batch, ((0, 0), (half, half)), mode=spec.pad_mode)
-    if batch.shape[-1] < spec.n_fft:
-        raise ValueError(f"audio of {batch.shape[-1]} samples is shorter than n_fft={spec.n_fft}")
-    frames = np.lib.stride_tricks.sliding_window_view(batch, spec.n_fft, axis=-1)[:, :: spec.hop_length]
-    spectrum = np.fft.rfft(frames * analysis_window(spec), axis=-1)
+    _padded_length(batch.shape[-1], spec)
+    spectrum = np.fft.rfft(_frames(_pad(batch, spec), spec) * _plan(spec).window, axis=-1)
     if spec.power == 2.0:
         return spectrum.real**2 + spectrum.imag**2
     return np.abs(spectrum) ** spec.power
@@ -107,15 +122,23 @@ def power_to_db(mel_power, spec: FeatureSpec = _DEFAULT) -> np.ndarray:
 
     Args:
         mel_power: array ``(clips, ...)``; with ``ref="max"`` each clip is referenced to its own peak.
+
+    Returns:
+        float64 array of the same shape.
     """
-    db = 10.0 * np.log10(np.maximum(mel_power, spec.amin))
-    axes = tuple(range(1, db.ndim))
-    if spec.ref == "max":
-        db -= 10.0 * np.log10(np.maximum(mel_power.max(axis=axes, keepdims=True), spec.amin))
-    else:
-        db -= 10.0 * np.log10(max(spec.ref, spec.amin))
+    return _to_db_inplace(np.array(mel_power, dtype=np.float64), spec)
+
+
+def _to_db_inplace(power: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    axes = tuple(range(1, power.ndim))
+    db = np.log10(np.maximum(power, spec.amin, out=power), out=power)
+    # log10 is monotonic, so the log of each clip's peak is the peak of its logs.
+    db -= db.max(axis=axes, keepdims=True) if spec.ref == "max" else np.log10(max(spec.ref, spec.amin))
+    db *= 10.0
     if spec.top_db is not None:
-        db = np.maximum(db, db.max(axis=axes, keepdims=True) - spec.top_db)
+        # With ref="max" every clip peaks at 0 dB, so the floor is the same for all of them.
+        floor = -spec.top_db if spec.ref == "max" else db.max(axis=axes, keepdims=True) - spec.top_db
+        np.maximum(db, floor, out=db)
     return db
 
 
@@ -128,21 +151,143 @@ def log_mel(audio, spec: FeatureSpec = _DEFAULT) -> np.ndarray:
         spec: the feature spec.
 
     Returns:
-        float32 array ``(n_mels, frames)`` for one clip or ``(clips, n_mels, frames)``.
+        float32 array ``(n_mels, frames)`` for one clip or ``(clips, n_mels, frames)``, C-contiguous.
     """
     batch, single = _as_batch(audio)
-    power = power_spectrogram(batch, spec)
-    mel = np.matmul(power, _filterbank_t(spec))  # (clips, frames, n_mels)
-    db = power_to_db(mel, spec).transpose(0, 2, 1).astype(np.float32)
-    return db[0] if single else db
+    # float32 from here on: the logarithm is several times faster and the output is float32.
+    db = _to_db_inplace(_mel_power(batch, spec).astype(np.float32), spec)
+    out = np.ascontiguousarray(db.transpose(0, 2, 1))
+    return out[0] if single else out
 
 
-_FILTERBANKS: dict = {}
+# Clips transformed per numpy call: enough to spread the per-call overhead, few enough that
+# the windowed frames and their spectra stay in cache (about 0.5 MB per clip for 40 x 32).
+_CHUNK_BYTES = 1 << 20
 
 
-def _filterbank_t(spec: FeatureSpec) -> np.ndarray:
+def _mel_power(batch: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """Mel-band power ``(clips, frames, n_mels)`` float64, one chunk of clips at a time."""
+    n_clips, n_samples = batch.shape
+    padded_length = _padded_length(n_samples, spec)
+    n_frames = 1 + (padded_length - spec.n_fft) // spec.hop_length
+    chunk = max(1, min(n_clips, _CHUNK_BYTES // (n_frames * spec.n_fft * 8)))
+    plan = _plan(spec)
+    blocks = plan.blocks(chunk * n_frames)
+    work = _workspace(spec, chunk, padded_length, n_frames)
+    half = spec.n_fft // 2
+    mel = np.zeros((n_clips, n_frames, spec.n_mels))
+    for start in range(0, n_clips, chunk):
+        stop = min(start + chunk, n_clips)
+        count = stop - start
+        if work.padded is not None:
+            work.padded[:count, half : half + n_samples] = batch[start:stop]
+            frames = _frames(work.padded[:count], spec)
+        else:
+            frames = _frames(_pad(batch[start:stop], spec), spec)
+        windowed = np.multiply(frames, plan.window, out=work.windowed[:count])
+        spectrum = np.fft.rfft(windowed, axis=-1, out=work.spectrum[:count])
+        rows = count * n_frames
+        out = mel[start:stop].reshape(rows, spec.n_mels)
+        if spec.power == 2.0:
+            # re and im side by side; the filterbank blocks repeat each weight for both.
+            squares = spectrum.view(np.float64).reshape(rows, -1)
+            np.multiply(squares, squares, out=squares)
+            for lo, hi, band_lo, band_hi, weights in blocks:
+                out[:, band_lo:band_hi] += squares[:, lo:hi] @ weights
+        else:
+            np.matmul((np.abs(spectrum) ** spec.power).reshape(rows, -1), plan.filterbank_t, out=out)
+    return mel
+
+
+class _Plan:
+    """Per-spec constants: the window, and the mel filterbank cut into dense column blocks.
+
+    A band covers a contiguous run of bins and a bin lies in at most two bands, so the
+    filterbank is mostly zeros. Each block multiplies a run of bins by only the bands that
+    touch it; the runs are chosen to minimise a cost model of numpy calls and multiplications.
+    """
+
+    # Measured with one BLAS thread: about 3 us per block (slice, product, add) and
+    # 19 multiply-adds per ns.
+    call_us = 3.0
+    mac_per_us = 19000.0
+
+    def __init__(self, spec: FeatureSpec):
+        self.window = analysis_window(spec)
+        self.filterbank = mel_filterbank(spec)
+        self.filterbank_t = np.ascontiguousarray(self.filterbank.T)
+        self._blocks: dict = {}
+
+    def blocks(self, rows: int) -> list:
+        """``(col_lo, col_hi, band_lo, band_hi, weights)`` over interleaved re/im columns."""
+        found = self._blocks.get(rows)
+        if found is None:
+            found = self._blocks[rows] = self._cut(rows)
+        return found
+
+    def _cut(self, rows: int) -> list:
+        fb = self.filterbank
+        nonzero = fb > 0
+        used = np.flatnonzero(nonzero.any(axis=0))
+        if used.size == 0:
+            return []
+        band_lo = np.where(nonzero.any(axis=1), nonzero.argmax(axis=1), fb.shape[1])
+        band_hi = np.where(nonzero.any(axis=1), fb.shape[1] - nonzero[:, ::-1].argmax(axis=1), -1)
+        edges = np.arange(used[0], used[-1] + 2)
+
+        def bands(lo, hi):
+            touching = np.flatnonzero((band_lo < hi) & (band_hi > lo))
+            return (touching[0], touching[-1] + 1) if touching.size else (0, 0)
+
+        # Shortest path over bin edges: cost[j] = cheapest way to cover bins up to edges[j].
+        cost = np.full(len(edges), np.inf)
+        cost[0] = 0.0
+        previous = np.zeros(len(edges), dtype=int)
+        for j in range(1, len(edges)):
+            for i in range(j):
+                b0, b1 = bands(edges[i], edges[j])
+                c = cost[i] + self.call_us + rows * 2 * (edges[j] - edges[i]) * (b1 - b0) / self.mac_per_us
+                if c < cost[j]:
+                    cost[j], previous[j] = c, i
+        blocks, j = [], len(edges) - 1
+        while j > 0:
+            i = previous[j]
+            lo, hi = edges[i], edges[j]
+            b0, b1 = bands(lo, hi)
+            if b1 > b0:
+                weights = np.ascontiguousarray(np.repeat(fb[b0:b1, lo:hi].T, 2, axis=0))
+                blocks.append((2 * int(lo), 2 * int(hi), int(b0), int(b1), weights))
+            j = i
+        return blocks[::-1]
+
+
+_PLANS: dict = {}
+
+
+def _plan(spec: FeatureSpec) -> _Plan:
     # Built once per spec: it costs more than the features of a clip.
-    fb = _FILTERBANKS.get(spec)
-    if fb is None:
-        fb = _FILTERBANKS[spec] = np.ascontiguousarray(mel_filterbank(spec).T)
-    return fb
+    plan = _PLANS.get(spec)
+    if plan is None:
+        plan = _PLANS[spec] = _Plan(spec)
+    return plan
+
+
+class _Workspace:
+    def __init__(self, spec: FeatureSpec, chunk: int, padded_length: int, n_frames: int):
+        self.key = (spec, chunk, padded_length)
+        zero_pad = spec.center and spec.pad_mode == "constant"
+        self.padded = np.zeros((chunk, padded_length)) if zero_pad else None
+        self.windowed = np.empty((chunk, n_frames, spec.n_fft))
+        self.spectrum = np.empty((chunk, n_frames, spec.n_fft // 2 + 1), dtype=np.complex128)
+
+
+_WORKSPACES = threading.local()
+
+
+def _workspace(spec: FeatureSpec, chunk: int, padded_length: int, n_frames: int) -> _Workspace:
+    # Fresh megabyte-sized arrays cost page faults on every call; one set per thread is kept
+    # (threads never share one, so concurrent calls stay independent).
+    work = getattr(_WORKSPACES, "last", None)
+    if work is None or work.key != (spec, chunk, padded_length):
+        work = _WORKSPACES.last = _Workspace(spec, chunk, padded_length, n_frames)
+    return work
