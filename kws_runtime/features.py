@@ -7,6 +7,7 @@ trained on and the features it is served with cannot drift apart.
 
 from __future__ import annotations
 
+import bisect
 import threading
 
 import numpy as np
@@ -228,18 +229,21 @@ class _Plan:
     def _cut(self, rows: int) -> list:
         fb = self.filterbank
         nonzero = fb > 0
-        used = np.flatnonzero(nonzero.any(axis=0))
-        if used.size == 0:
+        has_bins = nonzero.any(axis=1)
+        if not has_bins.any():
             return []
-        band_lo = np.where(nonzero.any(axis=1), nonzero.argmax(axis=1), fb.shape[1])
-        band_hi = np.where(nonzero.any(axis=1), fb.shape[1] - nonzero[:, ::-1].argmax(axis=1), -1)
-        edges = np.arange(used[0], used[-1] + 2)
+        bands_with_bins = np.flatnonzero(has_bins)
+        first = nonzero[bands_with_bins].argmax(axis=1).tolist()  # first bin of each band
+        stop = (fb.shape[1] - nonzero[bands_with_bins, ::-1].argmax(axis=1)).tolist()  # one past its last
+        # The set of bands touching a run of bins changes only at band edges: cut only there.
+        edges = sorted(set(first) | set(stop))
 
         def bands(lo, hi):
-            touching = np.flatnonzero((band_lo < hi) & (band_hi > lo))
-            return (touching[0], touching[-1] + 1) if touching.size else (0, 0)
+            # Triangles are ordered, so first and stop are non-decreasing.
+            b0, b1 = bisect.bisect_right(stop, lo), bisect.bisect_left(first, hi)
+            return (int(bands_with_bins[b0]), int(bands_with_bins[b1 - 1]) + 1) if b1 > b0 else (0, 0)
 
-        # Shortest path over bin edges: cost[j] = cheapest way to cover bins up to edges[j].
+        # Cheapest cover of the bins by consecutive runs (shortest path over the edges).
         cost = np.full(len(edges), np.inf)
         cost[0] = 0.0
         previous = np.zeros(len(edges), dtype=int)
@@ -252,11 +256,11 @@ class _Plan:
         blocks, j = [], len(edges) - 1
         while j > 0:
             i = previous[j]
-            lo, hi = edges[i], edges[j]
+            lo, hi = int(edges[i]), int(edges[j])
             b0, b1 = bands(lo, hi)
             if b1 > b0:
                 weights = np.ascontiguousarray(np.repeat(fb[b0:b1, lo:hi].T, 2, axis=0))
-                blocks.append((2 * int(lo), 2 * int(hi), int(b0), int(b1), weights))
+                blocks.append((2 * lo, 2 * hi, b0, b1, weights))
             j = i
         return blocks[::-1]
 

@@ -180,7 +180,7 @@ class Predictor:
     def _check_io(self) -> None:
         art = self.artifact
         inputs = {i.name: i for i in self._session.get_inputs()}
-        outputs = {o.name for o in self._session.get_outputs()}
+        outputs = {o.name: o for o in self._session.get_outputs()}
         if art.input_name not in inputs or art.output_name not in outputs:
             raise BundleError(
                 f"{art.path}: the model's inputs {sorted(inputs)} / outputs {sorted(outputs)} do not include "
@@ -193,6 +193,12 @@ class Predictor:
             raise BundleError(
                 f"{art.path}: the model takes {art.input_kind} input of shape {shape}, but the bundle's feature "
                 f"spec gives (batch, {', '.join(map(str, expected))}); re-export the bundle"
+            )
+        classes = outputs[art.output_name].shape[-1] if outputs[art.output_name].shape else None
+        if isinstance(classes, int) and classes != len(self.labels):
+            raise BundleError(
+                f"{art.path}: the model has {classes} classes but the bundle has {len(self.labels)} labels; "
+                "re-export the bundle"
             )
 
 
