@@ -41,6 +41,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_BAD_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (kws predict ... | head): stop quietly, as other tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_SOME_FAILED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -207,6 +212,8 @@ def _shape(shape) -> str:
 
 
 def _size(n: int) -> str:
+    if n < 1000:
+        return f"{n} B"
     return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
