@@ -77,19 +77,14 @@ class Artifact:
     notes: dict
     root: Path = dataclasses.field(repr=False, compare=False, default=Path("."))
 
-    def read_verified(self) -> bytes:
-        """The file's bytes, after checking them against the manifest's size and sha256.
+    def verify(self) -> Path:
+        """Check the file against the manifest's size and sha256 now; return its path.
 
-        Checking the bytes that are then used (not the file before it is opened again)
-        leaves no window in which the file can change unnoticed.
+        `Predictor` calls this right before onnxruntime opens the file, so a file changed
+        after `load_bundle` is still refused.
         """
-        _check_location(self)
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise BundleError(f"{self.path}: cannot be read ({exc.strerror}); copy the bundle again") from None
-        _check_content(self, len(data), hashlib.sha256(data).hexdigest())
-        return data
+        _verify_file(self)
+        return self.path
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,7 +79,9 @@ class Predictor:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         providers = _check_providers(providers, onnxruntime.get_available_providers())
-        model = self.artifact.read_verified()
+        # From the path, not from bytes: onnxruntime then holds one copy of the weights
+        # instead of two, which matters on a small device.
+        model = str(self.artifact.verify())
         try:
             self._session = onnxruntime.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
