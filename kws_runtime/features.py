@@ -90,8 +90,15 @@ def _padded_length(n_samples: int, spec: FeatureSpec) -> int:
 
 
 def _frames(padded: np.ndarray, spec: FeatureSpec) -> np.ndarray:
-    # A strided view: (..., frames, n_fft) over the padded audio, no copy.
-    return np.lib.stride_tricks.sliding_window_view(padded, spec.n_fft, axis=-1)[..., :: spec.hop_length, :]
+    # A read-only strided view (..., frames, n_fft) over the padded audio, no copy.
+    n_frames = 1 + (padded.shape[-1] - spec.n_fft) // spec.hop_length
+    step = padded.strides[-1]
+    return np.lib.stride_tricks.as_strided(
+        padded,
+        padded.shape[:-1] + (n_frames, spec.n_fft),
+        padded.strides[:-1] + (spec.hop_length * step, step),
+        writeable=False,
+    )
 
 
 def _pad(batch: np.ndarray, spec: FeatureSpec) -> np.ndarray:
@@ -169,23 +176,18 @@ _CHUNK_BYTES = 1 << 20
 def _mel_power(batch: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     """Mel-band power ``(clips, frames, n_mels)`` float64, one chunk of clips at a time."""
     n_clips, n_samples = batch.shape
-    padded_length = _padded_length(n_samples, spec)
-    n_frames = 1 + (padded_length - spec.n_fft) // spec.hop_length
-    chunk = max(1, min(n_clips, _CHUNK_BYTES // (n_frames * spec.n_fft * 8)))
-    plan = _plan(spec)
-    blocks = plan.blocks(chunk * n_frames)
-    work = _workspace(spec, chunk, padded_length, n_frames)
-    half = spec.n_fft // 2
+    work = _workspace(spec, n_clips, n_samples)
+    chunk, n_frames = work.chunk, work.n_frames
     mel = np.zeros((n_clips, n_frames, spec.n_mels))
     for start in range(0, n_clips, chunk):
         stop = min(start + chunk, n_clips)
         count = stop - start
         if work.padded is not None:
-            work.padded[:count, half : half + n_samples] = batch[start:stop]
-            frames = _frames(work.padded[:count], spec)
+            work.padded[:count, work.offset : work.offset + n_samples] = batch[start:stop]
+            frames = work.frames[:count]
         else:
             frames = _frames(_pad(batch[start:stop], spec), spec)
-        windowed = np.multiply(frames, plan.window, out=work.windowed[:count])
+        windowed = np.multiply(frames, work.window, out=work.windowed[:count])
         spectrum = np.fft.rfft(windowed, axis=-1, out=work.spectrum[:count])
         rows = count * n_frames
         out = mel[start:stop].reshape(rows, spec.n_mels)
@@ -193,10 +195,10 @@ def _mel_power(batch: np.ndarray, spec: FeatureSpec) -> np.ndarray:
             # re and im side by side; the filterbank blocks repeat each weight for both.
             squares = spectrum.view(np.float64).reshape(rows, -1)
             np.multiply(squares, squares, out=squares)
-            for lo, hi, band_lo, band_hi, weights in blocks:
+            for lo, hi, band_lo, band_hi, weights in work.blocks:
                 out[:, band_lo:band_hi] += squares[:, lo:hi] @ weights
         else:
-            np.matmul((np.abs(spectrum) ** spec.power).reshape(rows, -1), plan.filterbank_t, out=out)
+            np.matmul((np.abs(spectrum) ** spec.power).reshape(rows, -1), work.filterbank_t, out=out)
     return mel
 
 
@@ -277,21 +279,40 @@ def _plan(spec: FeatureSpec) -> _Plan:
 
 
 class _Workspace:
-    def __init__(self, spec: FeatureSpec, chunk: int, padded_length: int, n_frames: int):
-        self.key = (spec, chunk, padded_length)
-        zero_pad = spec.center and spec.pad_mode == "constant"
-        self.padded = np.zeros((chunk, padded_length)) if zero_pad else None
-        self.windowed = np.empty((chunk, n_frames, spec.n_fft))
-        self.spectrum = np.empty((chunk, n_frames, spec.n_fft // 2 + 1), dtype=np.complex128)
+    """Buffers for one spec and input size, reused call after call by one thread."""
+
+    def __init__(self, spec: FeatureSpec, n_clips: int, n_samples: int):
+        padded_length = _padded_length(n_samples, spec)
+        self.n_frames = 1 + (padded_length - spec.n_fft) // spec.hop_length
+        self.max_chunk = max(1, _CHUNK_BYTES // (self.n_frames * spec.n_fft * 8))
+        self.spec, self.n_samples, self.chunk = spec, n_samples, min(n_clips, self.max_chunk)
+        plan = _plan(spec)
+        self.window, self.filterbank_t = plan.window, plan.filterbank_t
+        self.blocks = plan.blocks(self.chunk * self.n_frames)
+        self.padded = self.frames = None
+        if spec.center and spec.pad_mode == "constant":
+            # The zero padding is written once; each chunk only overwrites the middle.
+            self.offset = spec.n_fft // 2
+            self.padded = np.zeros((self.chunk, padded_length))
+            self.frames = _frames(self.padded, spec)
+        self.windowed = np.empty((self.chunk, self.n_frames, spec.n_fft))
+        self.spectrum = np.empty((self.chunk, self.n_frames, spec.n_fft // 2 + 1), dtype=np.complex128)
+
+    def fits(self, spec: FeatureSpec, n_clips: int, n_samples: int) -> bool:
+        return (
+            n_samples == self.n_samples
+            and min(n_clips, self.max_chunk) == self.chunk
+            and (spec is self.spec or spec == self.spec)
+        )
 
 
 _WORKSPACES = threading.local()
 
 
-def _workspace(spec: FeatureSpec, chunk: int, padded_length: int, n_frames: int) -> _Workspace:
+def _workspace(spec: FeatureSpec, n_clips: int, n_samples: int) -> _Workspace:
     # Fresh megabyte-sized arrays cost page faults on every call; one set per thread is kept
     # (threads never share one, so concurrent calls stay independent).
     work = getattr(_WORKSPACES, "last", None)
-    if work is None or work.key != (spec, chunk, padded_length):
-        work = _WORKSPACES.last = _Workspace(spec, chunk, padded_length, n_frames)
+    if work is None or not work.fits(spec, n_clips, n_samples):
+        work = _WORKSPACES.last = _Workspace(spec, n_clips, n_samples)
     return work
