@@ -329,7 +329,8 @@ def load_example(example: Example, spec: FeatureSpec = FeatureSpec()) -> np.ndar
         audio = fit_length(source[example.start : example.start + spec.clip_samples], spec.clip_samples)
     if example.gain != 1.0:
         audio = audio * np.float32(example.gain)
-    return np.asarray(audio, dtype=np.float32)
+    # Always a fresh, writable array: the noise cache must not be changed through it.
+    return np.array(audio, dtype=np.float32)
 
 
 def describe_dataset(root, progress: bool = False, max_seconds: float = 1.0) -> dict:

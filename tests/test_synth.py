@@ -15,7 +15,7 @@ from kws_train import dataset as ds
 from kws_train import synth
 
 WORDS = ["yes", "marvin", "backward"]
-PER_WORD = 24  # 72 clips: three fixed batches, so the job count changes who renders what
+PER_WORD = 24  # 72 clips: two fixed batches, so the job count changes who renders what
 
 
 @pytest.fixture(scope="module")
