@@ -9,7 +9,6 @@ verified dataset carries a small ``.kws-download.json`` stamp so a second run do
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import http.client
 import json
 import os
@@ -23,6 +22,8 @@ import urllib.request
 import zlib
 from pathlib import Path
 from typing import Optional
+
+from kws_runtime.bundle import file_sha256
 
 OFFICIAL_BASE_URL = "http://download.tensorflow.org/data/"
 VERSIONS = ("0.01", "0.02")
@@ -91,15 +92,6 @@ def archive_info(version: str = "0.02", test_set: bool = False) -> ArchiveInfo:
     if version not in VERSIONS:
         raise DownloadError(f"unknown Speech Commands version {version!r}: choose one of {', '.join(VERSIONS)}")
     return ARCHIVES[(version, bool(test_set))]
-
-
-def file_sha256(path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch(
