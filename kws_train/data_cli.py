@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", choices=dl.VERSIONS, default="0.02", help="dataset version (default 0.02)")
     p.add_argument("--out", required=True, metavar="DIR", help="parent folder for the dataset (created if needed)")
     p.add_argument("--test-set", action="store_true", help="the official 12-class test archive instead of the training data")
-    p.add_argument("--base-url", default=dl.OFFICIAL_BASE_URL, metavar="URL", help=f"mirror folder URL (default {dl.OFFICIAL_BASE_URL})")
+    p.add_argument(
+        "--base-url", default=dl.OFFICIAL_BASE_URL, metavar="URL", help=f"mirror folder URL (default {dl.OFFICIAL_BASE_URL})"
+    )
     p.add_argument("--keep-archive", action="store_true", help="keep the .tar.gz after extracting it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_download)
@@ -67,10 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--words", nargs="+", metavar="W", help="words to speak (default: the 35 Speech Commands v0.02 words)")
     p.add_argument("--per-word", type=int, default=100, metavar="N", help="clips per word (default 100)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
-    p.add_argument("--noise", metavar="DIR", help="mix with background noise from DIR (noise files, or a dataset with _background_noise_/)")
-    p.add_argument("--noise-probability", type=float, default=0.8, metavar="P", help="share of clips mixed with noise (default 0.8)")
-    p.add_argument("--snr", type=float, nargs=2, default=SNR_DB, metavar=("LOW", "HIGH"), help="SNR range in dB (default %(default)s)")
-    p.add_argument("--jobs", type=int, default=None, metavar="J", help=f"worker processes (default: {default_jobs()}, the CPUs available)")
+    p.add_argument(
+        "--noise", metavar="DIR", help="mix with background noise from DIR (noise files, or a dataset with _background_noise_/)"
+    )
+    p.add_argument(
+        "--noise-probability", type=float, default=0.8, metavar="P", help="share of clips mixed with noise (default 0.8)"
+    )
+    p.add_argument(
+        "--snr", type=float, nargs=2, default=SNR_DB, metavar=("LOW", "HIGH"), help="SNR range in dB (default %s %s)" % SNR_DB
+    )
+    p.add_argument(
+        "--jobs", type=int, default=None, metavar="J", help=f"worker processes (default: {default_jobs()}, the CPUs available)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing synthetic dataset at OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_synth)
@@ -131,7 +141,10 @@ def format_stats(report: dict) -> str:
     lines.append(f"speakers: {sp['total']} (" + ", ".join(f"{s} {sp[s]}" for s in SPLITS) + ")")
     d = report["duration_s"]
     if d["min"] is not None:
-        lines.append(f"duration: {d['min']:.3f} to {d['max']:.3f} s, mean {d['mean']:.3f} s; {report['short_clips']} clips shorter than 1 s")
+        lines.append(
+            f"duration: {d['min']:.3f} to {d['max']:.3f} s, mean {d['mean']:.3f} s; "
+            f"{report['short_clips']} clips shorter than 1 s"
+        )
     rates = ", ".join(f"{r} Hz: {n}" for r, n in report["sample_rates"].items()) or "none"
     lines.append(f"sample rates: {rates}")
     noise = report["background_noise"]

@@ -16,7 +16,7 @@ import hashlib
 import math
 import re
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -325,7 +325,9 @@ def load_example(example: Example, spec: FeatureSpec = FeatureSpec()) -> np.ndar
         else:
             source = read_audio(example.path, spec.sample_rate, max_seconds=_NOISE_MAX_SECONDS)
         if example.start >= len(source):
-            raise DatasetError(f"{example.path}: silence window starts at sample {example.start}, past its end ({len(source)} samples)")
+            raise DatasetError(
+                f"{example.path}: silence window starts at sample {example.start}, past its end ({len(source)} samples)"
+            )
         audio = fit_length(source[example.start : example.start + spec.clip_samples], spec.clip_samples)
     if example.gain != 1.0:
         audio = audio * np.float32(example.gain)

@@ -148,7 +148,9 @@ def fetch(
     have = part.stat().st_size
     if total is not None and have != total:
         part.unlink()
-        raise DownloadError(f"{url}: received {have} bytes but the server announced {total}; the partial file was removed, try again")
+        raise DownloadError(
+            f"{url}: received {have} bytes but the server announced {total}; the partial file was removed, try again"
+        )
     if size is not None and have != size:
         part.unlink()
         raise DownloadError(f"{url}: got {have} bytes, expected {size}; the file was removed (is --base-url a faithful mirror?)")

@@ -166,7 +166,8 @@ class Espeak:
                 self._voice = None
                 raise SynthError(f"eSpeak NG has no voice {voice!r}")
             self._voice = voice
-        for parameter, value in ((_ESPEAK_RATE, rate), (_ESPEAK_PITCH, pitch), (_ESPEAK_RANGE, pitch_range), (_ESPEAK_VOLUME, 100)):
+        settings = ((_ESPEAK_RATE, rate), (_ESPEAK_PITCH, pitch), (_ESPEAK_RANGE, pitch_range), (_ESPEAK_VOLUME, 100))
+        for parameter, value in settings:
             self._lib.espeak_SetParameter(parameter, int(value), 0)
         for seeder in self._seeders:
             seeder(seed & 0x7FFFFFFF)

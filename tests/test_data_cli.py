@@ -97,7 +97,9 @@ def test_download_from_a_mirror(tmp_path, real_data):
     info = dl.archive_info("0.01", test_set=True)
     data, members = build_archive(real_data)
     with LoopbackServer({info.filename: data}) as server:
-        result = kws_data("download", "--version", "0.01", "--test-set", "--out", tmp_path, "--base-url", server.url, "--no-progress")
+        result = kws_data(
+            "download", "--version", "0.01", "--test-set", "--out", tmp_path, "--base-url", server.url, "--no-progress"
+        )
         assert result.returncode == 0, result.stderr
         assert info.dirname in result.stdout and "no published checksum" in result.stdout
         target = tmp_path / info.dirname
