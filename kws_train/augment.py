@@ -216,17 +216,17 @@ class WaveformAugment(_Seeded):
     def noise_segments(self, params: dict, length: int) -> torch.Tensor:
         """The noise segments the params pick, ``(N, length)`` float32 (unscaled)."""
         start = self.noise_offsets[params["noise_file"]] + params["noise_start"]
-        index = start[:, None] + torch.arange(length, device=start.device)
-        return self.noise_bank[index]
+        # every window of the bank is a row of this view; picking rows copies only those
+        return self.noise_bank.unfold(0, length, 1)[start]
 
     def apply(self, audio: torch.Tensor, params: dict) -> torch.Tensor:
         """Apply drawn params to ``(N, samples)`` float audio; returns a new tensor."""
         x = audio
         n, length = x.shape
         if self.max_shift:
-            index = torch.arange(length, device=x.device)[None, :] - params["shift"][:, None]
-            inside = (index >= 0) & (index < length)
-            x = torch.where(inside, x.gather(1, index.clamp(0, length - 1)), x.new_zeros(()))
+            # row i of the result is the window of the zero-padded clip that starts max_shift - shift_i in
+            padded = nn.functional.pad(x, (self.max_shift, self.max_shift))
+            x = padded.unfold(1, length, 1)[torch.arange(n, device=x.device), self.max_shift - params["shift"]]
         if bool(params["noise"].any()):
             noise = self.noise_segments(params, length)
             p_signal = x.square().mean(dim=1)
@@ -235,7 +235,7 @@ class WaveformAugment(_Seeded):
             scale = torch.sqrt(p_signal / (p_noise * ratio).clamp_min(1e-20))
             # a silent clip has no SNR to honour: it stays silent rather than becoming pure noise
             scale = torch.where(params["noise"] & (p_noise > 0), scale, scale.new_zeros(()))
-            x = x + scale[:, None] * noise
+            x = torch.addcmul(x, scale[:, None], noise)
         if self.config.gain_db != (0.0, 0.0):
             x = x * torch.pow(10.0, params["gain_db"] / 20.0)[:, None]
         if self.config.clip:

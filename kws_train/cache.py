@@ -313,6 +313,8 @@ class BatchLoader:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
         if len(split) == 0:
             raise ValueError(f"{split.path}: the cache is empty")
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed!r}")
         self.split = split
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -339,6 +341,8 @@ class BatchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's order (call before iterating each epoch)."""
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch!r}")
         self.epoch = int(epoch)
 
     def indices(self) -> np.ndarray:
