@@ -6,8 +6,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import soundfile
-import soxr
 
 from .spec import FeatureSpec
 
@@ -38,6 +36,9 @@ def read_audio(path, sample_rate: int = 16000, max_seconds: float = 30.0) -> np.
     Raises:
         AudioError: missing, empty, truncated, undecodable, too long, or containing NaN/inf.
     """
+    # Imported on first use: `import kws_runtime` stays light for feature-only callers.
+    import soundfile
+
     path = Path(path)
     if not path.exists():
         raise AudioError(path, "no such file")
@@ -66,6 +67,8 @@ def read_audio(path, sample_rate: int = 16000, max_seconds: float = 30.0) -> np.
         raise AudioError(path, "contains NaN or infinite samples")
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     if rate != sample_rate:
+        import soxr
+
         mono = soxr.resample(mono, rate, sample_rate).astype(np.float32, copy=False)
     return np.ascontiguousarray(mono)
 

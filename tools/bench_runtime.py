@@ -23,6 +23,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
@@ -145,7 +146,7 @@ def _files(folder: Path, n: int) -> list:
         return []
     words = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("_"))
     per_word = [sorted(f for f in w.iterdir() if is_audio_file(f)) for w in words]
-    files = [f for group in zip(*per_word) for f in group]  # round-robin over the words
+    files = [f for group in itertools.zip_longest(*per_word) for f in group if f is not None]  # round-robin
     return files[:n]
 
 
