@@ -1,0 +1,138 @@
+"""``kws-export``: a checkpoint in, a verified model bundle out.
+
+    kws-export runs/resnet/best.pt --out bundles/resnet --data ../speech_commands
+    kws-export best.pt --out bundle --calib DATA --test DATA --formats onnx_fp32 onnx_int8
+
+Exit status: 0 when every requested artifact was written and verified, 1 when some failed
+(the others are in the bundle), 2 when nothing could be exported (bad arguments, checkpoint,
+data or output folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .bundle import FORMATS, MIN_CALIBRATION_CLIPS, ExportError, export_bundle
+from .quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, OnnxQuantConfig
+from .torchscript import TorchQuantConfig
+
+GROUPS = {
+    "all": FORMATS,
+    "onnx": ("onnx_fp32", "onnx_int8", "onnx_e2e"),
+    "torchscript": ("torchscript_fp32", "torchscript_lite", "torchscript_int8", "torchscript_int8_lite"),
+    "fp32": ("torchscript_fp32", "torchscript_lite", "onnx_fp32", "onnx_e2e"),
+    "int8": ("torchscript_int8", "torchscript_int8_lite", "onnx_int8"),
+}
+
+
+def _formats(values: Sequence[str]) -> list:
+    chosen = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            if not name:
+                continue
+            if name in GROUPS:
+                chosen += GROUPS[name]
+            elif name in FORMATS:
+                chosen.append(name)
+            else:
+                raise ExportError(f"unknown format {name!r}; choose from {', '.join(FORMATS)} or {', '.join(GROUPS)}")
+    return list(dict.fromkeys(chosen))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kws-export",
+        description="Export a training checkpoint into a model bundle (TorchScript, ONNX fp32/int8, "
+        "end-to-end ONNX), verify every artifact and score them on test clips.",
+    )
+    p.add_argument("checkpoint", help="checkpoint file written by kws-train (e.g. runs/NAME/best.pt)")
+    p.add_argument("--out", "-o", required=True, help="bundle folder to write")
+    p.add_argument("--data", help="dataset root used for both --calib and --test")
+    p.add_argument("--calib", help="dataset root whose training split calibrates the int8 models")
+    p.add_argument("--test", help="dataset root whose testing split is scored")
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        default=["all"],
+        metavar="FORMAT",
+        help=f"artifacts to make: {', '.join(FORMATS)}, or a group ({', '.join(GROUPS)}); default all",
+    )
+    q = p.add_argument_group("int8")
+    q.add_argument("--calib-clips", type=int, default=MIN_CALIBRATION_CLIPS, help=f"calibration clips, balanced across classes (default {MIN_CALIBRATION_CLIPS})")
+    q.add_argument("--allow-few-calib", action="store_true", help=f"accept --calib-clips below {MIN_CALIBRATION_CLIPS}")
+    q.add_argument("--calib-method", choices=sorted(CALIBRATION_METHODS), default="minmax", help="ONNX activation calibration (default minmax)")
+    q.add_argument("--activations", choices=sorted(ACTIVATION_TYPES), default="int8", help="ONNX int8 activation type (default int8, signed)")
+    q.add_argument("--per-tensor", action="store_true", help="start from per-tensor weight scales instead of per-channel (ONNX)")
+    q.add_argument("--reduce-range", action="store_true", help="start from 7-bit weights (ONNX) / activations (TorchScript)")
+    q.add_argument("--no-select", action="store_true", help="keep the first int8 setting even if it loses accuracy")
+    q.add_argument("--try-all", action="store_true", help="try every int8 setting and keep the best")
+    q.add_argument("--selection-clips", type=int, default=400, help="validation clips that choose the int8 setting (default 400)")
+    s = p.add_argument_group("scorecard")
+    s.add_argument("--test-clips", type=int, help="score at most this many test clips (default all)")
+    s.add_argument("--latency-runs", type=int, default=50, help="timed runs per artifact, 0 to skip (default 50)")
+    p.add_argument("--name", help="model name in the manifest (default: the checkpoint's file name)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle in --out")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        formats = _formats(args.formats)
+        if args.calib_clips < 1 or args.selection_clips < 1 or (args.test_clips is not None and args.test_clips < 1):
+            raise ExportError("--calib-clips, --selection-clips and --test-clips must be positive")
+        if args.latency_runs < 0:
+            raise ExportError("--latency-runs must be 0 or more")
+        if args.calib_clips < MIN_CALIBRATION_CLIPS and not args.allow_few_calib:
+            raise ExportError(
+                f"--calib-clips {args.calib_clips} is below the {MIN_CALIBRATION_CLIPS} clips int8 calibration needs "
+                "to be representative; raise it or pass --allow-few-calib"
+            )
+        calib = args.calib or args.data
+        test = args.test or args.data
+        if calib is None and any(f in ("onnx_int8", "torchscript_int8", "torchscript_int8_lite") for f in formats):
+            raise ExportError("the int8 formats need calibration data: pass --calib DATA (or --data DATA), or leave them out with --formats fp32")
+        report = export_bundle(
+            args.checkpoint,
+            args.out,
+            calib_root=calib,
+            test_root=test,
+            formats=formats,
+            calib_clips=args.calib_clips,
+            selection_clips=args.selection_clips,
+            test_clips=args.test_clips,
+            onnx_quant=OnnxQuantConfig(args.calib_method, not args.per_tensor, args.reduce_range, args.activations),
+            torch_quant=TorchQuantConfig(per_channel=False, reduce_range=args.reduce_range),
+            select_quantization=not args.no_select,
+            try_all=args.try_all,
+            latency_runs=args.latency_runs,
+            name=args.name,
+            force=args.force,
+            log=log,
+        )
+    except (ExportError, OSError) as error:
+        print(f"kws-export: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kws-export: interrupted", file=sys.stderr)
+        return 130
+    for result in report.artifacts.values():
+        print(result.describe())
+    if report.manifest_path is None:
+        print(f"kws-export: no artifact could be written to {report.out_dir}", file=sys.stderr)
+        return 2
+    if not report.ok:
+        print(f"kws-export: wrote {report.out_dir} without {', '.join(report.failed)} (see above)", file=sys.stderr)
+        return 1
+    print(f"wrote {report.manifest_path} ({len(report.artifacts)} artifacts)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

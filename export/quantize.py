@@ -1,0 +1,199 @@
+"""Static int8 quantization of an ONNX model with onnxruntime, calibrated on real log-mel features.
+
+The steps are onnxruntime's own: `quant_pre_process` (shape inference and graph clean-up), then
+`quantize_static` in the QDQ format with int8 weights, calibrated by a `CalibrationDataReader`
+that reads real clips and computes their features with `kws_runtime.log_mel` -- the features
+the model is served with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+from kws_runtime.audio import load_audio
+from kws_runtime.features import log_mel
+from kws_runtime.spec import FeatureSpec
+
+__all__ = [
+    "ACTIVATION_TYPES",
+    "CALIBRATION_METHODS",
+    "LogMelReader",
+    "OnnxQuantConfig",
+    "QuantizationError",
+    "quantize_onnx",
+]
+
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+ACTIVATION_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+
+
+class QuantizationError(RuntimeError):
+    """Quantization could not produce a model; the message says which step failed and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxQuantConfig:
+    """One way of quantizing an ONNX model.
+
+    Attributes:
+        method: activation range calibration, ``"minmax"``, ``"entropy"`` or ``"percentile"``.
+        per_channel: one weight scale per output channel (else one per tensor).
+        reduce_range: 7-bit weights, for CPUs whose 8-bit dot products can saturate.
+        activations: ``"int8"`` (signed) or ``"uint8"``; weights are always signed int8.
+    """
+
+    method: str = "minmax"
+    per_channel: bool = True
+    reduce_range: bool = False
+    activations: str = "int8"
+
+    def __post_init__(self):
+        if self.method not in CALIBRATION_METHODS:
+            raise ValueError(f"unknown calibration method {self.method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
+        if self.activations not in ACTIVATION_TYPES:
+            raise ValueError(f"unknown activation type {self.activations!r}; choose one of {', '.join(ACTIVATION_TYPES)}")
+
+    @property
+    def name(self) -> str:
+        """Short description, e.g. ``"minmax, per-channel, int8 activations"``."""
+        parts = [self.method, "per-channel" if self.per_channel else "per-tensor"]
+        if self.reduce_range:
+            parts.append("reduced range")
+        parts.append(f"{self.activations} activations")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {
+            "quant_format": "QDQ",
+            "weights": "int8",
+            "activations": self.activations,
+            "calibration_method": self.method,
+            "per_channel": self.per_channel,
+            "reduce_range": self.reduce_range,
+        }
+
+
+class LogMelReader(CalibrationDataReader):
+    """Feeds onnxruntime's calibrator batches of log-mel features of real clips.
+
+    Clips are read and turned into features a batch at a time, on the first pass; the
+    batches are kept, so `rewind` and later passes (other calibration settings, the torch
+    quantizer) cost no decoding.
+
+    Args:
+        clips: anything ``load`` turns into a waveform (paths, dataset examples).
+        spec: feature spec of the model.
+        load: ``load(clip, spec) -> float32 (spec.clip_samples,)``; reads an audio file by default.
+        input_name: the model's input name.
+        batch_size: clips per batch.
+
+    Each batch is ``{input_name: float32 (batch, 1, n_mels, frames)}``.
+    """
+
+    def __init__(
+        self,
+        clips: Sequence,
+        spec: FeatureSpec,
+        load: Callable = load_audio,
+        input_name: str = "log_mel",
+        batch_size: int = 32,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not len(clips):
+            raise ValueError("no calibration clips")
+        self.clips = list(clips)
+        self.spec = spec
+        self.load = load
+        self.input_name = input_name
+        self.batch_size = batch_size
+        self._batches: list = []
+        self._next = 0
+
+    def __len__(self) -> int:
+        """Number of batches in one pass."""
+        return -(-len(self.clips) // self.batch_size)
+
+    def get_next(self) -> Optional[dict]:
+        index = self._next
+        if index >= len(self):
+            return None
+        if index == len(self._batches):
+            chunk = self.clips[index * self.batch_size : (index + 1) * self.batch_size]
+            audio = np.stack([self.load(clip, self.spec) for clip in chunk])
+            self._batches.append(log_mel(audio, self.spec)[:, None])
+        self._next += 1
+        return {self.input_name: self._batches[index]}
+
+    def rewind(self) -> None:
+        """Start the next pass at the first batch."""
+        self._next = 0
+
+    def features(self) -> np.ndarray:
+        """All features of one pass, ``(clips, 1, n_mels, frames)``; leaves the reader rewound."""
+        self.rewind()
+        batches = list(iter(self.get_next, None))
+        self.rewind()
+        return np.concatenate([b[self.input_name] for b in batches])
+
+
+def quantize_onnx(model_path, output_path, reader: CalibrationDataReader, config: OnnxQuantConfig = OnnxQuantConfig()) -> Path:
+    """Quantize an fp32 ONNX model to int8 (QDQ), calibrated on ``reader``'s batches.
+
+    Args:
+        model_path: the fp32 model (one file).
+        output_path: where the int8 model goes; written atomically.
+        reader: calibration batches; rewound first if it can be.
+        config: calibration method, weight granularity, range, activation type.
+
+    Raises:
+        QuantizationError: pre-processing or quantization failed.
+    """
+    model_path, output_path = Path(model_path), Path(output_path)
+    if hasattr(reader, "rewind"):
+        reader.rewind()
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=output_path.parent) as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        try:
+            quant_pre_process(str(model_path), str(prepared))
+        except Exception as exc:
+            raise QuantizationError(f"{model_path}: onnxruntime pre-processing failed: {exc}") from exc
+        quantized = Path(tmp) / "quantized.onnx"
+        extra = {}
+        if config.method == "percentile":
+            extra["CalibPercentile"] = 99.999
+        try:
+            quantize_static(
+                str(prepared),
+                str(quantized),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                activation_type=ACTIVATION_TYPES[config.activations],
+                weight_type=QuantType.QInt8,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                calibrate_method=CALIBRATION_METHODS[config.method],
+                extra_options=extra,
+            )
+        except Exception as exc:
+            raise QuantizationError(f"{model_path}: onnxruntime quantize_static ({config.name}) failed: {exc}") from exc
+        os.replace(quantized, output_path)
+    return output_path

@@ -1,0 +1,289 @@
+"""The scorecard: every artifact on the same test clips through the same features.
+
+For each artifact: accuracy, top-1 agreement with the fp32 model, file size, and median latency
+per clip at batch 1 on one thread (onnxruntime ``intra_op_num_threads=1``,
+``torch.set_num_threads(1)`` for TorchScript). Written as manifest rows, a Markdown table and
+a PNG (accuracy against latency).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from kws_runtime.spec import FeatureSpec
+
+from .quantize import LogMelReader
+
+__all__ = [
+    "EvalSet",
+    "Runner",
+    "ScoreRow",
+    "agreement",
+    "evaluate",
+    "median_latency_ms",
+    "onnx_runner",
+    "plot_scorecard",
+    "scorecard_markdown",
+    "torch_threads",
+    "torchscript_runner",
+    "write_scorecard",
+]
+
+
+class EvalSet:
+    """Labelled clips and their log-mel features, computed once.
+
+    Args:
+        clips: anything ``load`` turns into a waveform.
+        targets: class index of each clip, in the model's label order.
+        spec: feature spec.
+        load: ``load(clip, spec) -> float32 (spec.clip_samples,)``.
+        batch_size: clips per feature batch.
+    """
+
+    def __init__(self, clips: Sequence, targets: Sequence[int], spec: FeatureSpec, load: Callable, batch_size: int = 64):
+        if len(clips) != len(targets):
+            raise ValueError(f"{len(clips)} clips but {len(targets)} targets")
+        self.clips = list(clips)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.spec = spec
+        self.load = load
+        self.batch_size = batch_size
+        self._features: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def features(self) -> np.ndarray:
+        """float32 ``(clips, 1, n_mels, frames)``, from `kws_runtime.log_mel`."""
+        if self._features is None:
+            self._features = LogMelReader(self.clips, self.spec, self.load, batch_size=self.batch_size).features()
+        return self._features
+
+    def waveforms(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """float32 ``(clips, clip_samples)`` of ``clips[start:stop]``."""
+        return np.stack([self.load(c, self.spec) for c in self.clips[start:stop]])
+
+    def waveform_batches(self) -> Iterator[np.ndarray]:
+        for i in range(0, len(self), self.batch_size):
+            yield self.waveforms(i, i + self.batch_size)
+
+
+class Runner:
+    """A loaded artifact as a function ``x -> outputs`` on numpy batches.
+
+    Attributes:
+        input_kind: ``"log_mel"`` (``(N, 1, n_mels, frames)``) or ``"waveform"`` (``(N, samples)``).
+        output_kind: ``"logits"`` or ``"probabilities"``.
+        framework: ``"onnxruntime"`` or ``"torch"`` (which thread setting applies).
+    """
+
+    def __init__(self, fn: Callable, input_kind: str, output_kind: str, framework: str):
+        self.fn = fn
+        self.input_kind = input_kind
+        self.output_kind = output_kind
+        self.framework = framework
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.fn(x)
+
+
+def onnx_runner(path, input_kind: str = "log_mel", output_kind: str = "logits", threads: Optional[int] = 1) -> Runner:
+    """An onnxruntime CPU session on ``path`` (``threads`` intra-op threads)."""
+    from .onnx_export import onnx_session
+
+    session = onnx_session(path, threads=threads)
+    name = session.get_inputs()[0].name
+
+    def run(x):
+        return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    return Runner(run, input_kind, output_kind, "onnxruntime")
+
+
+def torchscript_runner(path, lite: bool = False, engine: Optional[str] = None) -> Runner:
+    """A TorchScript (``lite=False``) or lite-interpreter file, run with quantized ``engine`` if given."""
+    import torch
+
+    from .torchscript import load_lite, load_torchscript, quantized_engine
+
+    # Quantized weights are packed for the engine that is current when the file is loaded.
+    with quantized_engine(engine) if engine else contextlib.nullcontext():
+        module = load_lite(path) if lite else load_torchscript(path)
+
+    def run(x):
+        with torch.no_grad(), (quantized_engine(engine) if engine else contextlib.nullcontext()):
+            return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+    return Runner(run, "log_mel", "logits", "torch")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """``torch.set_num_threads(n)`` inside the block."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_batched(runner: Runner, data: EvalSet, batch_size: int = 64) -> np.ndarray:
+    """Outputs of ``runner`` on every clip of ``data``, ``(clips, classes)``."""
+    if runner.input_kind == "waveform":
+        return np.concatenate([runner(w) for w in data.waveform_batches()])
+    x = data.features()
+    return np.concatenate([runner(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of rows whose argmax is the same in ``a`` and ``b``."""
+    return float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+
+
+def median_latency_ms(runner: Runner, data: EvalSet, runs: int = 50, warmup: int = 5) -> float:
+    """Median wall time of one clip at batch 1 on one thread, in milliseconds.
+
+    Clips are taken in order from ``data`` (cycling), the same ones for every artifact.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    n = min(len(data), runs)
+    if runner.input_kind == "waveform":
+        inputs = [w[None] for w in data.waveforms(0, n)]
+    else:
+        inputs = [f[None] for f in data.features()[:n]]
+    threads = torch_threads(1) if runner.framework == "torch" else contextlib.nullcontext()
+    times = []
+    with threads:
+        for i in range(warmup):
+            runner(inputs[i % n])
+        for i in range(runs):
+            start = time.perf_counter()
+            runner(inputs[i % n])
+            times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+@dataclasses.dataclass
+class ScoreRow:
+    """One artifact's line on the scorecard. Fractions in [0, 1]; ``None`` when not measured."""
+
+    artifact: str
+    file: str
+    format: str
+    precision: str
+    size: int
+    accuracy: Optional[float] = None
+    agreement: Optional[float] = None
+    latency_ms: Optional[float] = None
+    clips: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def evaluate(runner: Runner, data: EvalSet, reference_top1: np.ndarray, latency_runs: int = 50) -> dict:
+    """Accuracy, agreement with the reference's top-1, and latency of one artifact on ``data``."""
+    outputs = run_batched(runner, data)
+    top1 = np.argmax(outputs, axis=1)
+    metrics = {
+        "accuracy": float(np.mean(top1 == data.targets)),
+        "agreement_fp32": float(np.mean(top1 == reference_top1)),
+        "test_clips": len(data),
+    }
+    if latency_runs:
+        metrics["latency_ms"] = median_latency_ms(runner, data, runs=latency_runs)
+    return metrics
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def scorecard_markdown(rows: Sequence[ScoreRow], title: str = "Scorecard", notes: Sequence[str] = ()) -> str:
+    """The rows as a Markdown table (sizes in MB, latency in ms per clip)."""
+    lines = [
+        f"# {title}",
+        "",
+        "| artifact | file | format | precision | accuracy | agreement with fp32 | size | latency (ms, batch 1, 1 thread) |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        latency = "-" if r.latency_ms is None else f"{r.latency_ms:.3f}"
+        lines.append(
+            f"| {r.artifact} | {r.file} | {r.format} | {r.precision} | {_pct(r.accuracy)} | {_pct(r.agreement)} | {_size(r.size)} | {latency} |"
+        )
+    clips = {r.clips for r in rows if r.clips}
+    if clips:
+        lines += ["", f"Test clips: {', '.join(map(str, sorted(clips)))}."]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot_scorecard(rows: Sequence[ScoreRow], path, title: str = "Accuracy against latency") -> Optional[Path]:
+    """Scatter of accuracy (%) against latency (ms), one labelled point per artifact; PNG, atomic.
+
+    Returns ``None`` (and writes nothing) when no row has both numbers.
+    """
+    points = [r for r in rows if r.accuracy is not None and r.latency_ms is not None]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.subplots()
+    for r in points:
+        marker = "o" if r.precision == "fp32" else "s"
+        ax.scatter(r.latency_ms, 100 * r.accuracy, marker=marker, s=40)
+        ax.annotate(r.artifact, (r.latency_ms, 100 * r.accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("median latency per clip, batch 1, 1 thread (ms, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_scorecard(rows: Sequence[ScoreRow], out_dir, title: str, notes: Sequence[str] = ()) -> list:
+    """Write ``scorecard.md`` and (when there are latencies and accuracies) ``scorecard.png``; returns the paths."""
+    out_dir = Path(out_dir)
+    md = out_dir / "scorecard.md"
+    fd, tmp = tempfile.mkstemp(prefix=".scorecard.", suffix=".md", dir=out_dir)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(scorecard_markdown(rows, title, notes))
+    os.replace(tmp, md)
+    written = [md]
+    png = plot_scorecard(rows, out_dir / "scorecard.png", title)
+    if png:
+        written.append(png)
+    return written
