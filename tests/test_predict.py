@@ -226,3 +226,14 @@ def test_model_that_does_not_fit_the_bundle_is_refused(tmp_path):
     linear_onnx(tmp_path / "d" / "m.onnx", *linear_weights(n_labels=10))
     with pytest.raises(BundleError, match="10 classes but the bundle has 12 labels"):
         Predictor(_single_artifact_bundle(tmp_path / "d", "m.onnx"))
+
+
+def test_every_broken_audio_file_is_an_audio_error(bundle, tmp_path):
+    from test_audio import _broken_files
+
+    predictor = Predictor(bundle[0], artifact="onnx_fp32")
+    for name, (data, message) in _broken_files(tmp_path).items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(AudioError, match=message) as info:
+            predictor.predict([np.zeros(100, np.float32), tmp_path / name])
+        assert type(info.value) is AudioError and str(tmp_path / name) in str(info.value)

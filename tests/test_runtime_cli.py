@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,8 @@ import soundfile
 from kws_runtime import Predictor, load_audio
 from kws_runtime.cli import main
 
-from test_bundle import LABELS, SEED, build_bundle, read_manifest, rewrite_manifest
+from test_audio import _broken_files
+from test_bundle import BAD_FIELDS, LABELS, SEED, _set, build_bundle, read_manifest, rewrite_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,8 +131,6 @@ def test_bad_bundles_exit_2_with_one_line(bundle, audio_dir, tmp_path, capsys):
     code, out, err = run(["predict", tmp_path / "nowhere", audio_dir], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and "no such bundle folder" in err
     # tampered artifact
-    import shutil
-
     copy = tmp_path / "tampered"
     shutil.copytree(bundle, copy)
     data = bytearray((copy / "model.int8.onnx").read_bytes())
@@ -215,3 +216,34 @@ def test_subprocess_run_and_failures_have_no_traceback(bundle, audio_dir, tmp_pa
     broken = _kws("predict", tmp_path, audio_dir)
     assert broken.returncode == 2 and "Traceback" not in broken.stderr
     assert broken.stderr.strip().startswith("kws: error:") and "manifest.json" in broken.stderr
+
+
+def test_every_broken_audio_file_is_one_error_line(bundle, tmp_path, capsys):
+    cases = _broken_files(tmp_path)
+    soundfile.write(tmp_path / "long.wav", np.zeros(31 * 8000, np.int16), 8000)
+    cases["long.wav"] = (None, r"is 31\.0 s long, over the 30 s limit")
+    paths = []
+    for name, (data, _) in cases.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        paths.append(tmp_path / name)
+    code, out, err = run(["predict", bundle, *paths], capsys)
+    assert code == 1 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == len(cases)
+    for line, path, (_, message) in zip(lines, paths, cases.values()):
+        assert line.startswith(f"kws: error: {path}: ") and re.search(message, line), line
+
+
+@pytest.mark.parametrize("field, value, message", BAD_FIELDS, ids=[f"{f}={v!r}"[:60] for f, v, _ in BAD_FIELDS])
+def test_bad_manifests_exit_2_naming_the_field(bundle, tmp_path, capsys, field, value, message):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = read_manifest(copy)
+    _set(manifest, field, value)
+    rewrite_manifest(copy, manifest)
+    for command in (["info", copy], ["predict", copy, copy / "model.onnx"]):
+        code, out, err = run(command, capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1
+        assert err.startswith(f"kws: error: {copy / 'manifest.json'}: ")
+        assert re.search(message, err)
