@@ -116,11 +116,13 @@ class Predictor:
             AudioError: an unreadable audio file (the message names it).
             ValueError: a waveform that is not a 1-D float array of finite samples.
         """
-        if isinstance(x, (list, tuple)):
-            if not x:
-                return []
-            return self._predict_clips(np.stack([self._clip(item, i) for i, item in enumerate(x)]))
-        return self._predict_clips(self._clip(x, None)[None])[0]
+        if not isinstance(x, (list, tuple)):
+            return self._predict_clips(self._clip(x, None)[None])[0]
+        predictions = []
+        for start in range(0, len(x), BATCH_SIZE):  # decoded a batch at a time: bounded memory
+            items = x[start : start + BATCH_SIZE]
+            predictions += self._predict_clips(np.stack([self._clip(item, start + i) for i, item in enumerate(items)]))
+        return predictions
 
     def probabilities(self, clips: np.ndarray) -> np.ndarray:
         """Class probabilities ``(clips, labels)`` float32 for waveforms ``(clips, clip_samples)``."""
