@@ -166,7 +166,10 @@ class WaveformAugment(_Seeded):
         usable = [np.asarray(n, dtype=np.float32).reshape(-1) for n in (noise or [])]
         usable = [n for n in usable if n.size >= spec.clip_samples]
         if config.noise_prob > 0 and not usable:
-            why = "no noise recordings were given" if not noise else f"every noise recording is shorter than {spec.clip_samples} samples"
+            if not noise:
+                why = "no noise recordings were given"
+            else:
+                why = f"every noise recording is shorter than {spec.clip_samples} samples"
             raise ValueError(
                 f"noise mixing is on (noise_prob={config.noise_prob}) but {why}; pass "
                 "noise=kws_train.dataset.background_noise(root) or set noise_prob=0"
@@ -227,7 +230,7 @@ class WaveformAugment(_Seeded):
             # row i of the result is the window of the zero-padded clip that starts max_shift - shift_i in
             padded = nn.functional.pad(x, (self.max_shift, self.max_shift))
             x = padded.unfold(1, length, 1)[torch.arange(n, device=x.device), self.max_shift - params["shift"]]
-        if bool(params["noise"].any()):
+        if self.config.noise_prob > 0 and len(self.noise_lengths):  # no `.any()`: it would sync with the device
             noise = self.noise_segments(params, length)
             p_signal = x.square().mean(dim=1)
             p_noise = noise.square().mean(dim=1)
@@ -248,7 +251,10 @@ class WaveformAugment(_Seeded):
         _check_batch(audio, "audio")
         if audio.shape[1] != self.spec.clip_samples:
             # noise segments are drawn to fit a clip of the spec's length
-            raise ValueError(f"audio clips have {audio.shape[1]} samples; this augmenter expects spec.clip_samples={self.spec.clip_samples}")
+            raise ValueError(
+                f"audio clips have {audio.shape[1]} samples; this augmenter expects "
+                f"spec.clip_samples={self.spec.clip_samples}"
+            )
         return self.apply(audio.float(), self.draw(audio.shape[0], audio.device))
 
 
@@ -270,7 +276,13 @@ class SpecAugment(_Seeded):
         seed: int = 0,
     ):
         super().__init__(seed)
-        for name, value in (("freq_masks", freq_masks), ("freq_mask_bands", freq_mask_bands), ("time_masks", time_masks), ("time_mask_frames", time_mask_frames)):
+        counts = {
+            "freq_masks": freq_masks,
+            "freq_mask_bands": freq_mask_bands,
+            "time_masks": time_masks,
+            "time_mask_frames": time_mask_frames,
+        }
+        for name, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"SpecAugment {name}={value!r}: must be an integer >= 0")
         if fill not in ("mean", "min") and not _finite(fill):
@@ -295,7 +307,11 @@ class SpecAugment(_Seeded):
         plus the drawn ``freq_width``/``freq_start`` ``(N, freq_masks)`` and ``time_width``/``time_start``."""
         g = self.generator(device)
         out = {}
-        for axis, count, widest, size in (("freq", self.freq_masks, self.freq_mask_bands, n_mels), ("time", self.time_masks, self.time_mask_frames, n_frames)):
+        axes = (
+            ("freq", self.freq_masks, self.freq_mask_bands, n_mels),
+            ("time", self.time_masks, self.time_mask_frames, n_frames),
+        )
+        for axis, count, widest, size in axes:
             widest = min(widest, size)
             width = torch.randint(0, widest + 1, (n, count), generator=g, device=device)
             start = (torch.rand(n, count, generator=g, device=device) * (size - width + 1)).long()

@@ -34,7 +34,10 @@ from kws_runtime.spec import FeatureSpec
 
 from .dataset import Example, TaskSplit, load_example
 
-__all__ = ["CACHE_VERSION", "CacheError", "CachedSplit", "BatchLoader", "fingerprint", "build_cache", "open_cache", "balanced_weights"]
+__all__ = [
+    "CACHE_VERSION", "CacheError", "CachedSplit", "BatchLoader",
+    "fingerprint", "build_cache", "open_cache", "balanced_weights",
+]  # fmt: skip
 
 CACHE_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -237,7 +240,8 @@ def open_cache(path) -> CachedSplit:
     except (OSError, ValueError) as exc:
         raise CacheError(f"{path}: not a readable audio cache ({exc}); delete it to rebuild") from None
     if not isinstance(meta, dict) or meta.get("format") != "kws-audio-cache" or meta.get("version") != CACHE_VERSION:
-        raise CacheError(f"{path}: cache format {meta.get('version') if isinstance(meta, dict) else None!r} is not version {CACHE_VERSION}; delete it to rebuild")
+        found = meta.get("version") if isinstance(meta, dict) else None
+        raise CacheError(f"{path}: cache format {found!r} is not version {CACHE_VERSION}; delete it to rebuild")
     try:
         audio = np.load(path / "audio.npy", mmap_mode="r")
         targets = np.load(path / "targets.npy")
@@ -249,7 +253,9 @@ def open_cache(path) -> CachedSplit:
     except (KeyError, TypeError, ValueError) as exc:
         raise CacheError(f"{path}: meta.json lacks or garbles {exc}; delete it to rebuild") from None
     if audio.dtype != np.int16 or audio.shape != (n, length) or targets.shape != (n,):
-        raise CacheError(f"{path}: arrays {audio.shape}/{targets.shape} do not match meta.json ({n} x {length}); delete it to rebuild")
+        raise CacheError(
+            f"{path}: arrays {audio.shape}/{targets.shape} do not match meta.json ({n} x {length}); delete it to rebuild"
+        )
     if n and (targets.min() < 0 or targets.max() >= len(labels)):
         raise CacheError(f"{path}: targets outside the {len(labels)} labels; delete it to rebuild")
     return CachedSplit(path, audio, targets.astype(np.int64, copy=False), labels, digest, sample_rate)
