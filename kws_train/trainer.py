@@ -50,7 +50,10 @@ from .distributed import (
 from .evaluate import EvalResult, evaluate_model
 from .models import VARIANTS, build_model, canonical_architecture
 
-__all__ = ["TrainConfig", "TrainResult", "TrainError", "train", "default_weights_path", "warmup_cosine", "AMP_MODES"]
+__all__ = [
+    "AMP_MODES", "TrainConfig", "TrainError", "TrainResult", "default_weights_path", "resolve_autocast", "train", "train_epoch",
+    "warmup_cosine",
+]
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -282,14 +285,25 @@ def _log(ctx: DistContext, config: TrainConfig, message: str) -> None:
         print(message, flush=True)
 
 
-def _autocast_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
-    if config.amp == "off" or (config.amp == "auto" and device.type != "cuda"):
+def resolve_autocast(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for an ``amp`` mode (`AMP_MODES`) on ``device``; None: full precision.
+
+    ``"auto"`` is bf16 on GPUs that support it, else fp16 (which needs a gradient scaler),
+    and off on CPUs (``"bf16"`` turns CPU autocast on when asked for).
+
+    Raises:
+        TrainError: fp16 on a CPU, or bf16 on a GPU without it.
+    """
+    device = torch.device(device)
+    if amp not in AMP_MODES:
+        raise TrainError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
-    if config.amp == "fp16":
+    if amp == "fp16":
         if device.type != "cuda":
             raise TrainError("--amp fp16 needs a GPU (use --amp bf16 or off on a CPU)")
         return torch.float16
-    if config.amp == "bf16":
+    if amp == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise TrainError("this GPU does not support bfloat16; use --amp fp16")
         return torch.bfloat16
@@ -479,7 +493,7 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
     out = Path(config.out)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    autocast_dtype = _autocast_dtype(config, device)
+    autocast_dtype = resolve_autocast(config.amp, device)
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -598,9 +612,10 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
         # dropout draws from the global generator, which anything between epochs (building a
         # model to check a checkpoint, say) may also draw from: give each epoch its own stream
         torch.manual_seed(epoch_seed + 2)
-        train_loss, train_acc, seen = _train_epoch(
-            net, frontend, loader, optimizer, scheduler, scaler, criterion, device, autocast_dtype,
-            channels_last, desc=f"epoch {epoch}/{config.epochs}", progress=show,
+        train_loss, train_acc, seen = train_epoch(
+            net, frontend, loader, optimizer, scheduler, scaler, criterion, device=device,
+            autocast_dtype=autocast_dtype, channels_last=channels_last, desc=f"epoch {epoch}/{config.epochs}",
+            progress=show,
         )
         train_seconds = time.perf_counter() - tick
         samples_per_s = seen * ctx.world_size / max(train_seconds, 1e-9)
@@ -686,8 +701,17 @@ def _scheduler_state(scheduler) -> dict:
     return state
 
 
-def _train_epoch(net, frontend, loader, optimizer, scheduler, scaler, criterion, device, autocast_dtype,
-                 channels_last, desc: str, progress: bool):
+def train_epoch(net, frontend, batches, optimizer, scheduler, scaler, criterion, *, device, autocast_dtype=None,
+                channels_last: bool = False, desc: str = "", progress: bool = False):
+    """One pass of optimizer steps over ``batches`` of ``(audio (B, samples), targets (B,))``.
+
+    The front end (augmentation, log-mel) runs without gradients, the model under autocast
+    when ``autocast_dtype`` is given, the loss in float32; the scheduler steps per batch.
+
+    Returns:
+        ``(mean loss, accuracy, clips seen by this rank)``; loss and accuracy are summed over
+        the process group when there is one.
+    """
     net.train()
     frontend.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -697,10 +721,10 @@ def _train_epoch(net, frontend, loader, optimizer, scheduler, scaler, criterion,
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False)
+        bar = tqdm(total=len(batches), desc=desc, unit="batch", leave=False)
     amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     try:
-        for step, (audio, targets) in enumerate(loader):
+        for step, (audio, targets) in enumerate(batches):
             with torch.no_grad():
                 x = frontend(audio)
             if channels_last:

@@ -7,7 +7,7 @@ official test set) is re-split by speaker with `kws_train.dataset.split_by_speak
 ``kws-data synth`` joins the training split only (validation and test stay real).
 
     python tools/experiment_accuracy.py --runs resnet18:default:fine resnet18:seed:fine
-    python tools/experiment_accuracy.py --runs shufflenet_v2_x0_5:default:fine --synth runs/synth
+    python tools/experiment_accuracy.py --runs resnet18:default:fine --synth runs/synth-commands runs/synth-others
     python tools/experiment_accuracy.py --report          # table of every finished run
 
 Each run trains with `kws_train.trainer.train` into ``<out>/<model>-<variant>-<features>[-synth]``
@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", nargs="+", type=parse_run, default=[],
                         help="MODEL:VARIANT:FEATURES triples (default: every model and variant on both presets)")
     parser.add_argument("--data", default=str(REAL_DATA), help="real Speech Commands root (default: the shared sample)")
-    parser.add_argument("--synth", metavar="DIR", help="also train on this synthetic dataset (kws-data synth output)")
+    parser.add_argument("--synth", nargs="+", metavar="DIR",
+                        help="also train on these synthetic datasets (kws-data synth output)")
     parser.add_argument("--out", default=str(REPO / "runs" / "accuracy"), help="parent folder of the runs")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch", type=int, default=64)
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
             data=args.data, out=str(folder), architecture=architecture, variant=variant, task="12",
             features=features, epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed,
             split="speaker", split_salt=SALT, validation_fraction=0.1, testing_fraction=0.1,
-            extra_train=[args.synth] if args.synth else [], cache_dir=str(out / "cache"),
+            extra_train=args.synth or [], cache_dir=str(out / "cache"),
             threads=args.threads, resume=(folder / "last.pt").is_file(), quiet=False,
         )
         tick = time.time()
