@@ -10,8 +10,9 @@ librosa given the whole batch as channels), as microseconds per clip, speed-up a
 difference in dB. Then the time of ``import kws_runtime`` beside ``import torch`` (fresh
 interpreters, best of several) and the peak resident memory of a ``kws predict`` process.
 
-Timings are the best of several repeats, alternating the contenders so that load from other
-work on the machine hits both alike; the 1-minute load average is printed with them.
+Timings are the best CPU time (one thread, so CPU time is the time the code takes when it has a
+core) of several repeats, alternating the contenders so that load from other work on the
+machine hits both alike; the 1-minute load average is printed with them.
 """
 
 from __future__ import annotations
@@ -130,14 +131,16 @@ def bench_features(spec: FeatureSpec, clips: np.ndarray, repeats: int) -> list:
 
 
 def _best_alternating(functions, repeats: int) -> list:
+    """Best CPU time of each function. CPU time, not wall time: on a shared machine a long
+    call waits for a core now and then, and that wait is not the code's."""
     for f in functions:
         f()  # warm-up: plans, caches, librosa's first-call compilation
     best = [float("inf")] * len(functions)
     for _ in range(repeats):
         for i, f in enumerate(functions):
-            start = time.perf_counter()
+            start = time.process_time()
             f()
-            best[i] = min(best[i], time.perf_counter() - start)
+            best[i] = min(best[i], time.process_time() - start)
     return best
 
 
