@@ -4,8 +4,8 @@ Everything runs on whole batches on the device the audio is on, driven by a
 `torch.Generator` on that device, so a seed reproduces a run on the same device and torch
 version (CPU and CUDA draw different streams). Each module is a no-op in eval mode.
 
-Each module splits its work into ``draw(n, device) -> params`` (the random choices, a dict
-of tensors) and ``apply(x, params)`` (deterministic), so what was drawn can be inspected.
+Each module splits its work into ``draw(...) -> params`` (the random choices, a dict of
+tensors) and ``apply(x, params)`` (deterministic), so what was drawn can be inspected.
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AugmentConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"augmentation config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
