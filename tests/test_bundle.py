@@ -300,7 +300,12 @@ def _set(manifest, dotted, value):
         node[last] = value
 
 
-_DELETE = object()
+class _Deleted:
+    def __repr__(self):  # stable test ids (pytest-xdist compares them across workers)
+        return "<deleted>"
+
+
+_DELETE = _Deleted()
 
 BAD_FIELDS = [
     ("format", "onnx-bundle", "not a kws model bundle"),
