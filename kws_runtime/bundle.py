@@ -144,9 +144,16 @@ def write_manifest(bundle_dir, manifest: dict) -> Path:
     bundle_dir = Path(bundle_dir)
     target = bundle_dir / MANIFEST_NAME
     _parse(manifest, str(target), bundle_dir)
-    text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    try:
+        text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise BundleError(
+            f"{target}: the manifest is not plain JSON ({exc}); use Python int/float/str/list/dict, "
+            "finite numbers, and None for a value that was not measured"
+        ) from None
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=bundle_dir)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a bundle is meant to be copied and shared
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

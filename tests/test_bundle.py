@@ -380,3 +380,14 @@ def test_not_a_bundle_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BundleError, match="has no manifest.json"):
         load_bundle(tmp_path / "empty")
+
+
+def test_write_manifest_refuses_values_json_cannot_hold(tmp_path):
+    path, _ = build_bundle(tmp_path / "b")
+    for bad in (float("nan"), np.float32(0.5), {1, 2}):
+        manifest = read_manifest(path)
+        manifest["artifacts"]["onnx_fp32"]["metrics"]["accuracy"] = bad
+        with pytest.raises(BundleError, match="not plain JSON"):
+            write_manifest(path, manifest)
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.onnx"]
+    assert (path / "manifest.json").stat().st_mode & 0o777 == 0o644
