@@ -85,8 +85,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"{PROG} eval", description="Accuracy, per-class figures and confusion matrix of a checkpoint.")
     p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint (best.pt, last.pt or a weights file)")
     p.add_argument("data", metavar="DATA", help="a Speech Commands folder")
-    p.add_argument("--split", choices=("testing", "validation", "training", "all"), default="testing",
-                   help="which clips (default testing; 'all' for a folder that is only test data)")
+    p.add_argument("--split", choices=("auto", "testing", "validation", "training", "all"), default="auto",
+                   help="which clips: testing, validation, training, all; auto (default): every clip of the "
+                   "official test archive (a folder with _unknown_/), else testing")
     p.add_argument("--salt", help="re-split by speaker with this salt first (as training with --split speaker did)")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F")
     p.add_argument("--test-fraction", type=float, default=0.1, metavar="F")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ from torch import nn
 from kws_runtime.spec import FeatureSpec
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .dataset import SPLITS, TASKS, build_task, index_dataset, load_example, noise_files, split_by_speaker
+from .dataset import SPLITS, UNKNOWN, build_task, index_dataset, load_example, noise_files, split_by_speaker
 from .distributed import all_reduce_sum
 from .frontend import Frontend
 
@@ -223,7 +224,7 @@ def evaluate_checkpoint(
     checkpoint,
     data_root,
     *,
-    split: str = "testing",
+    split: str = "auto",
     salt: Optional[str] = None,
     validation_fraction: float = 0.1,
     testing_fraction: float = 0.1,
@@ -237,7 +238,9 @@ def evaluate_checkpoint(
     Args:
         checkpoint: a path or a loaded `kws_train.checkpoint.Checkpoint`.
         data_root: a Speech Commands folder (`kws_train.dataset.index_dataset`).
-        split: ``"training"``, ``"validation"``, ``"testing"`` or ``"all"``.
+        split: ``"training"``, ``"validation"``, ``"testing"``, ``"all"``, or ``"auto"``: all
+            clips of the official test archive (a folder with ``_unknown_/`` and no
+            ``testing_list.txt``), else ``"testing"``.
         salt: re-split by speaker with this salt and the two fractions
             (`kws_train.dataset.split_by_speaker`), as a training run with ``split="speaker"`` did;
             None keeps the dataset's own split.
@@ -251,8 +254,12 @@ def evaluate_checkpoint(
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, map_location="cpu")
     task = task_of_labels(ckpt.labels)
-    if split not in SPLITS + ("all",):
-        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS + ('all',))}")
+    if split not in SPLITS + ("all", "auto"):
+        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS + ('all', 'auto'))}")
+    if split == "auto":
+        root = Path(data_root)
+        test_archive = (root / UNKNOWN).is_dir() and not (root / "testing_list.txt").is_file()
+        split = "all" if test_archive and salt is None else "testing"
     clips = index_dataset(data_root)
     if salt is not None:
         clips = split_by_speaker(clips, validation_fraction, testing_fraction, salt)

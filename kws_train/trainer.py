@@ -502,6 +502,8 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
 
     resume_from = _resume_path(config)
     resume_state = _load_resume_state(resume_from, config) if resume_from is not None else None
+    if resume_state is None and (out / "last.pt").is_file():
+        _log(ctx, config, f"note: {out} holds an earlier run; its checkpoints will be replaced (--resume continues it)")
 
     # --- data
     train_task, val_task, test_task = _tasks(config, spec)
