@@ -9,6 +9,7 @@ with `kws_runtime.bundle.write_manifest` and read back with `kws_runtime.bundle.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -54,11 +55,13 @@ FORMATS = tuple(ARTIFACT_FILES)
 INT8_FORMATS = ("torchscript_int8", "torchscript_int8_lite", "onnx_int8")
 MIN_CALIBRATION_CLIPS = 500
 
-# Verification thresholds. Float artifacts must match the eager model; int8 ones must agree
-# with it on nearly every clip (a broken quantization flips many decisions, rounding flips few).
+# Verification thresholds. Float artifacts must match the eager model. An int8 model is
+# refused when it disagrees with fp32 on half the clips: that is a broken quantization (an
+# overflowing range, a wrong engine), not rounding. Smaller losses are the scorecard's business
+# (a barely trained model, with near-equal logits, flips many decisions on rounding alone).
 FLOAT_ATOL = 1e-4
 E2E_ATOL = 1e-4
-INT8_MIN_AGREEMENT = 0.9
+INT8_MIN_AGREEMENT = 0.5
 # An int8 candidate that flips at most this fraction of the fp32 decisions is kept without
 # trying the others (0.5 points: the accuracy budget for int8).
 SELECTION_TOLERANCE = 0.005
@@ -322,6 +325,7 @@ def export_bundle(
     force: bool = False,
     seed: int = 0,
     log: Optional[Callable[[str], None]] = None,
+    threads: Optional[int] = None,
 ) -> ExportReport:
     """Export a checkpoint into a bundle folder.
 
@@ -351,6 +355,8 @@ def export_bundle(
         force: replace an existing bundle in ``out_dir``.
         seed: drives data selection.
         log: called with progress lines (default: silent).
+        threads: torch threads while exporting (``None``: torch's default). One thread avoids
+            oversubscription on a shared machine; latency is always measured on one thread.
 
     Returns:
         An `ExportReport`; ``report.ok`` is False when any requested artifact failed.
@@ -358,6 +364,50 @@ def export_bundle(
     Raises:
         ExportError: unusable checkpoint, output folder, data or format names.
     """
+    if threads is not None and threads < 1:
+        raise ExportError(f"threads must be >= 1, got {threads}")
+    with scorecard.torch_threads(threads) if threads else contextlib.nullcontext():
+        return _export_bundle(
+            checkpoint_path,
+            out_dir,
+            calib_root,
+            test_root,
+            formats,
+            calib_clips=calib_clips,
+            selection_clips=selection_clips,
+            test_clips=test_clips,
+            onnx_quant=onnx_quant,
+            torch_quant=torch_quant,
+            select_quantization=select_quantization,
+            try_all=try_all,
+            latency_runs=latency_runs,
+            name=name,
+            force=force,
+            seed=seed,
+            log=log,
+        )
+
+
+def _export_bundle(
+    checkpoint_path,
+    out_dir,
+    calib_root=None,
+    test_root=None,
+    formats: Sequence[str] = FORMATS,
+    *,
+    calib_clips: int = MIN_CALIBRATION_CLIPS,
+    selection_clips: int = 400,
+    test_clips: Optional[int] = None,
+    onnx_quant: OnnxQuantConfig = OnnxQuantConfig(),
+    torch_quant: TorchQuantConfig = TorchQuantConfig(),
+    select_quantization: bool = True,
+    try_all: bool = False,
+    latency_runs: int = 50,
+    name: Optional[str] = None,
+    force: bool = False,
+    seed: int = 0,
+    log: Optional[Callable[[str], None]] = None,
+) -> ExportReport:
     from kws_runtime.bundle import load_bundle, write_manifest
 
     log = log or (lambda line: None)
@@ -386,6 +436,7 @@ def export_bundle(
     if settings["salt"] is not None:
         log(f"splits: by speaker with the checkpoint's salt {settings['salt']!r}")
     calib_reader = select_set = None
+    calib_counts: list = []
     if calib_root is not None:
         train = _examples(calib_root, labels, "training", spec, settings)
         chosen = _balanced(train, calib_clips, seed)
@@ -488,6 +539,7 @@ def export_bundle(
             "selected": config.name,
             "candidates": tried,
             "calibration_clips": len(calib_reader.clips),
+            "calibration_per_class": dict(zip(labels, calib_counts)),
             "calibration_split": "training",
         }
 
@@ -537,7 +589,7 @@ def export_bundle(
             return quantize.quantize_onnx(source, out, calib_reader, config)
 
         def score(candidate):
-            runner = scorecard.onnx_runner(candidate, threads=None)
+            runner = scorecard.onnx_runner(candidate)
             return scorecard.agreement(_batched(runner, select_set.features()), select_fp32)
 
         candidates = _candidates(onnx_quant, "onnx") if select_quantization else [onnx_quant]

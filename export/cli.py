@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("scorecard")
     s.add_argument("--test-clips", type=int, help="score at most this many test clips (default all)")
     s.add_argument("--latency-runs", type=int, default=50, help="timed runs per artifact, 0 to skip (default 50)")
+    p.add_argument("--threads", type=int, help="torch threads while exporting (default: torch's choice)")
     p.add_argument("--name", help="model name in the manifest (default: the checkpoint's file name)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle in --out")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
@@ -96,8 +97,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
         calib = args.calib or args.data
         test = args.test or args.data
-        if calib is None and any(f in ("onnx_int8", "torchscript_int8", "torchscript_int8_lite") for f in formats):
-            raise ExportError("the int8 formats need calibration data: pass --calib DATA (or --data DATA), or leave them out with --formats fp32")
         report = export_bundle(
             args.checkpoint,
             args.out,
@@ -115,6 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             name=args.name,
             force=args.force,
             log=log,
+            threads=args.threads,
         )
     except (ExportError, OSError) as error:
         print(f"kws-export: error: {error}", file=sys.stderr)

@@ -40,6 +40,8 @@ def quiet_onnx_export():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*(TorchScript-based ONNX export|torch\.jit|torch\.export|LeafSpec|treespec)")
+            # the TorchScript-based exporter's own logging set-up announces its removal
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"The feature will be removed")
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(TorchScript-based ONNX export|LeafSpec|treespec)")
             warnings.filterwarnings("ignore", category=UserWarning, message=r".*(TorchScript-based ONNX export|LeafSpec|treespec)")
             # strided slices are simply not folded; the graph is still correct

@@ -1,0 +1,413 @@
+"""Export of briefly trained models into bundles, checked artifact by artifact.
+
+Each architecture is trained for a few steps on real clips, saved with `save_checkpoint`,
+and exported once (module-scoped fixture) with small calibration and test sets; the tests
+then check the files themselves with onnx, onnxruntime, a torch-only interpreter and the
+runtime's own CLI, independently of what the manifest claims.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.backends.xnnpack
+
+from export import FORMATS, ExportError, LogMelGraph, LogMelReader, export_bundle
+from export.cli import main as export_main
+from kws_runtime import FeatureSpec, log_mel
+from kws_runtime.bundle import load_bundle
+from kws_train.checkpoint import load_checkpoint, save_checkpoint
+from kws_train.dataset import build_task, index_dataset, load_example, split_by_speaker
+from kws_train.models import ARCHITECTURES, build_model
+from kws_train.trainer import TrainConfig
+
+SPEC = FeatureSpec()  # 40 x 32: the cheapest features
+SALT = ""
+STEPS = 6
+KW = dict(calib_clips=48, selection_clips=24, test_clips=36, latency_runs=3, select_quantization=False, threads=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Small batches gain nothing from a second thread, and on a busy machine two threads
+    # waiting on each other can be ten times slower than one.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _config(real_data, arch):
+    return TrainConfig(data=str(real_data), architecture=arch, features="seed", split="speaker", split_salt=SALT).to_dict()
+
+
+@pytest.fixture(scope="module")
+def train_batch(real_data):
+    """Features and targets of 8 training clips per class (the speaker split the config names)."""
+    clips = split_by_speaker(index_dataset(real_data), 0.1, 0.1, SALT)
+    task = build_task(clips, "12", "training", root=real_data, spec=SPEC)
+    by_label = {}
+    for e in task.examples:
+        by_label.setdefault(e.label, []).append(e)
+    chosen = [e for label in task.labels for e in by_label[label][:8]]
+    x = torch.from_numpy(log_mel(np.stack([load_example(e, SPEC) for e in chosen]), SPEC)[:, None])
+    y = torch.tensor([task.labels.index(e.label) for e in chosen])
+    return task.labels, x, y
+
+
+def _train(arch, labels, x, y, path, config):
+    torch.manual_seed(0)
+    model = build_model(arch, len(labels))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(STEPS):
+        batch = torch.randperm(len(x), generator=generator)[:32]
+        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # A few steps leave batch norm's running statistics near their initial values, which blows
+    # eval-mode activations up; re-estimate them on the training batch as a short fine-tune would.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    return save_checkpoint(path, model, architecture=arch, variant="default", labels=labels, spec=SPEC, config=config)
+
+
+class Bundles:
+    """Each architecture trained and exported once, on first use: ``bundles[arch] -> (arch, checkpoint, folder, report)``."""
+
+    def __init__(self, tmp_path_factory, train_batch, real_data):
+        self.tmp_path_factory, self.train_batch, self.real_data = tmp_path_factory, train_batch, real_data
+        self.made = {}
+
+    def __getitem__(self, arch):
+        if arch not in self.made:
+            labels, x, y = self.train_batch
+            tmp = self.tmp_path_factory.mktemp(arch)
+            ckpt = _train(arch, labels, x, y, tmp / "best.pt", _config(self.real_data, arch))
+            report = export_bundle(ckpt, tmp / "bundle", self.real_data, self.real_data, **KW)
+            self.made[arch] = (arch, ckpt, tmp / "bundle", report)
+        return self.made[arch]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, train_batch, real_data):
+    return Bundles(tmp_path_factory, train_batch, real_data)
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def exported(request, bundles):
+    return bundles[request.param]
+
+
+@pytest.fixture
+def small(bundles):
+    """The cheapest bundle, for checks that do not depend on the architecture."""
+    return bundles["shufflenet_v2_x0_5"]
+
+
+@pytest.fixture(scope="module")
+def test_inputs(real_data):
+    """Waveforms, features and targets of 24 test-split clips."""
+    clips = split_by_speaker(index_dataset(real_data), 0.1, 0.1, SALT)
+    task = build_task(clips, "12", "testing", root=real_data, spec=SPEC, seed=2)
+    examples = task.examples[::max(1, len(task.examples) // 24)][:24]
+    audio = np.stack([load_example(e, SPEC) for e in examples])
+    return audio, log_mel(audio, SPEC)[:, None], np.array([task.labels.index(e.label) for e in examples])
+
+
+def _eager(ckpt, x):
+    with torch.no_grad():
+        return load_checkpoint(ckpt).model(torch.from_numpy(x)).numpy()
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------------------------ the bundle
+
+
+def test_every_artifact_is_written_verified_and_listed(exported):
+    arch, ckpt, out, report = exported
+    assert report.ok, report.failed
+    bundle = load_bundle(out)  # checks every sha256
+    assert list(bundle.artifacts) == list(FORMATS)
+    assert bundle.model["architecture"] == arch
+    assert bundle.spec == SPEC
+    assert list(bundle.labels) == load_checkpoint(ckpt).labels
+    for name, artifact in bundle.artifacts.items():
+        assert artifact.path.stat().st_size == artifact.size
+        assert artifact.metrics["test_clips"] == 36
+        assert 0.0 <= artifact.metrics["accuracy"] <= 1.0
+        assert artifact.metrics["latency_ms"] > 0
+    assert {row["artifact"] for row in bundle.scorecard} == set(FORMATS)
+    assert (out / "scorecard.md").read_text().count("|") > 20
+    assert (out / "scorecard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_onnx_fp32_matches_the_eager_model(exported, test_inputs):
+    arch, ckpt, out, report = exported
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert not (out / "model.onnx.data").exists() and len(list(out.glob("*.data"))) == 0
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic batch axis
+    _, x, _ = test_inputs
+    session = _session(out / "model.onnx")
+    got = np.concatenate([session.run(None, {"log_mel": x[:1]})[0], session.run(None, {"log_mel": x[1:]})[0]])
+    want = _eager(ckpt, x)
+    assert np.abs(got - want).max() < 1e-4
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_onnx_int8_is_signed_qdq_per_channel_and_small(exported, test_inputs):
+    arch, ckpt, out, report = exported
+    model = onnx.load(str(out / "model.int8.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    inits = {i.name: i for i in model.graph.initializer}
+    q_out_types = set()
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
+            q_out_types.add(inits[node.input[2]].data_type)
+    assert q_out_types == {onnx.TensorProto.INT8}  # signed activations
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                 and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) == 4]
+    assert weight_dq, "no int8 convolution weights"
+    per_channel = [n for n in weight_dq if len(inits[n.input[1]].dims) == 1]
+    assert per_channel, "weights are not quantized per channel"
+    # ShuffleNetV2 0.5x has 0.35 M weights: its int8 graph structure (QDQ nodes, per-channel
+    # scales, int32 biases) weighs as much as a tenth of the int8 weights themselves.
+    limit = 0.31 if arch == "shufflenet_v2_x0_5" else 0.3
+    assert (out / "model.int8.onnx").stat().st_size <= limit * (out / "model.onnx").stat().st_size
+    entry = load_bundle(out).artifacts["onnx_int8"]
+    assert entry.notes["quantization"]["activations"] == "int8" and entry.notes["quantization"]["per_channel"]
+    counts = list(entry.notes["calibration_per_class"].values())
+    assert sum(counts) == 48 and max(counts) - min(counts) <= 1  # balanced across classes
+    _, x, _ = test_inputs
+    got = _session(out / "model.int8.onnx").run(None, {"log_mel": x})[0]
+    assert np.isfinite(got).all() and got.shape == (len(x), 12)
+    assert np.mean(got.argmax(1) == _eager(ckpt, x).argmax(1)) >= 0.5
+
+
+def test_end_to_end_onnx_equals_runtime_features_plus_model(exported, test_inputs):
+    arch, ckpt, out, report = exported
+    audio, x, _ = test_inputs
+    session = _session(out / "model.e2e.onnx")
+    assert session.get_inputs()[0].name == "waveform"
+    got = session.run(None, {"waveform": audio})[0]
+    logits = _eager(ckpt, x)
+    want = np.exp(logits - logits.max(1, keepdims=True))
+    want /= want.sum(1, keepdims=True)
+    assert np.abs(got - want).max() < 1e-4
+    assert np.allclose(got.sum(1), 1.0, atol=1e-5)
+
+
+TORCH_ONLY = textwrap.dedent(
+    """
+    import sys, torch
+    from torch.jit.mobile import _load_for_lite_interpreter
+    folder, x = sys.argv[1], torch.load(sys.argv[2])
+    out = {}
+    for name in ("model.pt", "model.ptl", "model.int8.pt", "model.int8.ptl"):
+        if ".int8." in name:
+            torch.backends.quantized.engine = "qnnpack"
+        path = folder + "/" + name
+        module = _load_for_lite_interpreter(path) if name.endswith(".ptl") else torch.jit.load(path)
+        with torch.no_grad():
+            out[name] = module(x)
+    project = sorted(m for m in sys.modules if m.split(".")[0] in ("kws_train", "kws_runtime", "export"))
+    assert not project, project
+    torch.save(out, sys.argv[3])
+    """
+)
+
+
+def test_torchscript_files_load_with_torch_alone(exported, test_inputs, tmp_path):
+    arch, ckpt, out, report = exported
+    _, x, _ = test_inputs
+    torch.save(torch.from_numpy(x), tmp_path / "x.pt")
+    script = tmp_path / "run.py"
+    script.write_text(TORCH_ONLY)
+    # -I: isolated mode, neither the working directory nor PYTHONPATH is on sys.path
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-I", str(script), str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    outputs = torch.load(tmp_path / "y.pt")
+    want = _eager(ckpt, x)
+    for name in ("model.pt", "model.ptl"):
+        assert np.abs(outputs[name].numpy() - want).max() < 1e-4
+    int8 = outputs["model.int8.pt"].numpy()
+    assert np.array_equal(int8, outputs["model.int8.ptl"].numpy())
+    assert np.mean(int8.argmax(1) == want.argmax(1)) >= 0.5
+    entries = load_bundle(out).artifacts
+    assert entries["torchscript_int8"].notes["engine"] == "qnnpack"
+    assert entries["torchscript_int8"].notes["quantization"]["engine"] == "qnnpack"
+    lite = entries["torchscript_lite"].notes
+    assert lite["optimized_for_mobile"] == bool(torch.backends.xnnpack.enabled)
+    if not lite["optimized_for_mobile"]:
+        assert "XNNPACK" in lite["reason"]
+        assert any("XNNPACK" in w for w in report.warnings)
+
+
+def test_calibration_below_500_clips_is_warned_about(exported):
+    arch, ckpt, out, report = exported
+    assert any("fewer than the recommended 500" in w for w in report.warnings)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert any("500" in w for w in manifest["export"]["warnings"])
+
+
+# ------------------------------------------------------------------ runtime on the bundle
+
+
+def _kws(*args):
+    return subprocess.run([sys.executable, "-m", "kws_runtime.cli", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_kws_predict_uses_the_bundle_and_refuses_a_tampered_file(small, real_data, tmp_path):
+    arch, ckpt, out, report = small
+    clip = sorted((real_data / "yes").glob("*.wav"))[0]
+    proc = _kws("predict", out, clip)
+    assert proc.returncode == 0, proc.stderr
+    labels = load_checkpoint(ckpt).labels
+    assert proc.stdout.split()[1] in labels
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = bytearray((copy / "model.int8.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.int8.onnx").write_bytes(bytes(data))
+    proc = _kws("predict", copy, clip)
+    assert proc.returncode != 0
+    assert "model.int8.onnx" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------- settings and failures
+
+
+def test_int8_settings_are_chosen_on_validation_clips(small, real_data, tmp_path):
+    arch, ckpt, out, _ = small
+    report = export_bundle(
+        ckpt, tmp_path / "b", real_data, None, ["onnx_int8", "torchscript_int8"],
+        calib_clips=24, selection_clips=24, latency_runs=0, try_all=True, threads=1,
+    )
+    assert report.ok, report.failed
+    for name in ("onnx_int8", "torchscript_int8"):
+        notes = report.artifacts[name].entry["notes"]
+        tried = notes["candidates"]
+        settings = {(c["config"]["per_channel"], c["config"]["reduce_range"]) for c in tried}
+        assert settings == {(True, False), (False, False), (True, True)} or settings == {(False, False), (True, False), (False, True)}
+        best = max(c["selection_agreement"] for c in tried)
+        chosen = [c for c in tried if c["config"] == notes["quantization"]]
+        assert chosen and chosen[0]["selection_agreement"] == best
+    # no test data: verified on validation clips, no accuracy on the scorecard
+    assert all(row["accuracy"] is None for row in report.scorecard)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_other_calibration_methods(small, real_data, test_inputs, tmp_path, method):
+    from export import OnnxQuantConfig, quantize_onnx
+
+    arch, ckpt, out, report = small
+    clips = split_by_speaker(index_dataset(real_data), 0.1, 0.1, SALT)
+    examples = build_task(clips, "12", "training", root=real_data, spec=SPEC).examples[::40][:32]
+    reader = LogMelReader(examples, SPEC, load_example, batch_size=16)
+    path = quantize_onnx(out / "model.onnx", tmp_path / "q.onnx", reader, OnnxQuantConfig(method=method))
+    _, x, _ = test_inputs
+    got = _session(path).run(None, {"log_mel": x})[0]
+    assert np.isfinite(got).all()
+    assert np.mean(got.argmax(1) == _eager(ckpt, x).argmax(1)) >= 0.5
+
+
+def test_a_failed_artifact_leaves_the_others_in_the_bundle(small, real_data, tmp_path, capsys):
+    arch, ckpt, out, report = small
+    target = tmp_path / "partial"
+    # int8 without calibration data fails; fp32 is still written and listed
+    rc = export_main([str(ckpt), "--out", str(target), "--test", str(real_data), "--formats", "onnx_fp32", "onnx_int8",
+                      "--test-clips", "12", "--latency-runs", "0", "--threads", "1", "-q"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "onnx_int8" in captured.err and "--calib" in captured.out + captured.err
+    bundle = load_bundle(target)
+    assert list(bundle.artifacts) == ["onnx_fp32"]
+    assert not (target / "model.int8.onnx").exists()
+    assert "onnx_int8" in bundle.manifest["export"]["failed"]
+
+
+def test_cli_errors_are_one_line(small, real_data, tmp_path, capsys):
+    arch, ckpt, out, report = small
+    cases = [
+        [str(tmp_path / "missing.pt"), "--out", str(tmp_path / "a")],
+        [str(ckpt), "--out", str(out)],  # an existing bundle, no --force
+        [str(ckpt), "--out", str(tmp_path / "b"), "--data", str(real_data), "--calib-clips", "10"],
+        [str(ckpt), "--out", str(tmp_path / "c"), "--formats", "onnx_fp64"],
+    ]
+    for argv in cases:
+        assert export_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("kws-export: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    with pytest.raises(ExportError, match="already holds a bundle"):
+        export_bundle(ckpt, out)
+
+
+def test_cli_writes_a_bundle(small, real_data, tmp_path, capsys):
+    arch, ckpt, out, report = small
+    target = tmp_path / "cli"
+    rc = export_main([str(ckpt), "--out", str(target), "--data", str(real_data), "--formats", "onnx",
+                      "--calib-clips", "24", "--allow-few-calib", "--selection-clips", "12", "--no-select",
+                      "--test-clips", "12", "--latency-runs", "2", "--threads", "1", "-q"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert set(load_bundle(target).artifacts) == {"onnx_fp32", "onnx_int8", "onnx_e2e"}
+    assert "manifest.json" in captured.out
+
+
+# ---------------------------------------------------------------------------- components
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [SPEC, FeatureSpec.preset("fine"), FeatureSpec(pad_mode="reflect", power=1.0, ref=1.0, top_db=None)],
+    ids=["seed", "fine", "reflect-magnitude-fixed-ref"],
+)
+def test_graph_log_mel_equals_the_runtime(real_data, spec):
+    files = [sorted((real_data / w).glob("*.wav"))[i] for w in ("yes", "stop", "_silence_") for i in (0, 1)]
+    from kws_runtime import load_audio
+
+    audio = np.stack([load_audio(f, spec) for f in files])
+    got = LogMelGraph(spec)(torch.from_numpy(audio)).numpy()
+    assert got.shape == (len(files), *spec.shape)
+    assert np.abs(got - log_mel(audio, spec)).max() < 2e-3
+
+
+def test_calibration_reader_streams_log_mel_batches(real_data):
+    files = sorted((real_data / "no").glob("*.wav"))[:5]
+    from kws_runtime import load_audio
+
+    reader = LogMelReader(files, SPEC, batch_size=2)
+    assert len(reader) == 3
+    batches = list(iter(reader.get_next, None))
+    assert [b["log_mel"].shape[0] for b in batches] == [2, 2, 1]
+    assert batches[0]["log_mel"].shape[1:] == (1, *SPEC.shape)
+    assert reader.get_next() is None
+    reader.rewind()
+    want = log_mel(np.stack([load_audio(f, SPEC) for f in files]), SPEC)[:, None]
+    assert np.array_equal(reader.features(), want)
+    with pytest.raises(ValueError):
+        LogMelReader([], SPEC)
