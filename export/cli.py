@@ -65,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-clips", type=int, default=MIN_CALIBRATION_CLIPS, help=f"calibration clips, balanced across classes (default {MIN_CALIBRATION_CLIPS})")
     q.add_argument("--allow-few-calib", action="store_true", help=f"accept --calib-clips below {MIN_CALIBRATION_CLIPS}")
     q.add_argument("--calib-method", choices=sorted(CALIBRATION_METHODS), default="minmax", help="ONNX activation calibration (default minmax)")
-    q.add_argument("--activations", choices=sorted(ACTIVATION_TYPES), default="int8", help="ONNX int8 activation type (default int8, signed)")
+    q.add_argument(
+        "--activations",
+        choices=sorted(ACTIVATION_TYPES),
+        default="uint8",
+        help="ONNX activation type (default uint8: onnxruntime's fast path on x86; int8 for ARM targets)",
+    )
     q.add_argument("--per-tensor", action="store_true", help="start from per-tensor weight scales instead of per-channel (ONNX)")
     q.add_argument("--reduce-range", action="store_true", help="start from 7-bit weights (ONNX) / activations (TorchScript)")
     q.add_argument("--no-select", action="store_true", help="keep the first int8 setting even if it loses accuracy")

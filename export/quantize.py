@@ -60,13 +60,18 @@ class OnnxQuantConfig:
         method: activation range calibration, ``"minmax"``, ``"entropy"`` or ``"percentile"``.
         per_channel: one weight scale per output channel (else one per tensor).
         reduce_range: 7-bit weights, for CPUs whose 8-bit dot products can saturate.
-        activations: ``"int8"`` (signed) or ``"uint8"``; weights are always signed int8.
+        activations: ``"uint8"`` or ``"int8"`` (signed); weights are always signed int8.
+            uint8 is the default because it is onnxruntime's fast path on x86: with signed
+            activations (onnxruntime 1.32, AVX512-VNNI) the convolutions that read a ReLU
+            output or a shared input stay in float between Dequantize/Quantize pairs, and
+            ResNet-18 ran 1.4x faster than fp32 instead of 6.5x. ARM builds of onnxruntime
+            favour signed activations: export for them with ``activations="int8"``.
     """
 
     method: str = "minmax"
     per_channel: bool = True
     reduce_range: bool = False
-    activations: str = "int8"
+    activations: str = "uint8"
 
     def __post_init__(self):
         if self.method not in CALIBRATION_METHODS:

@@ -176,17 +176,19 @@ def test_onnx_fp32_matches_the_eager_model(exported, test_inputs):
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
-def test_onnx_int8_is_signed_qdq_per_channel_and_small(exported, test_inputs):
+def _activation_types(model):
+    inits = {i.name: i for i in model.graph.initializer}
+    return {inits[n.input[2]].data_type for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
+
+
+def test_onnx_int8_is_qdq_per_channel_and_small(exported, test_inputs):
     arch, ckpt, out, report = exported
     model = onnx.load(str(out / "model.int8.onnx"))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     inits = {i.name: i for i in model.graph.initializer}
-    q_out_types = set()
-    for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
-            q_out_types.add(inits[node.input[2]].data_type)
-    assert q_out_types == {onnx.TensorProto.INT8}  # signed activations
+    assert _activation_types(model) == {onnx.TensorProto.UINT8}  # the default: x86's fast path
     weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                  and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) == 4]
     assert weight_dq, "no int8 convolution weights"
@@ -197,7 +199,7 @@ def test_onnx_int8_is_signed_qdq_per_channel_and_small(exported, test_inputs):
     limit = 0.31 if arch == "shufflenet_v2_x0_5" else 0.3
     assert (out / "model.int8.onnx").stat().st_size <= limit * (out / "model.onnx").stat().st_size
     entry = load_bundle(out).artifacts["onnx_int8"]
-    assert entry.notes["quantization"]["activations"] == "int8" and entry.notes["quantization"]["per_channel"]
+    assert entry.notes["quantization"]["activations"] == "uint8" and entry.notes["quantization"]["per_channel"]
     counts = list(entry.notes["calibration_per_class"].values())
     assert sum(counts) == 48 and max(counts) - min(counts) <= 1  # balanced across classes
     _, x, _ = test_inputs
@@ -328,7 +330,9 @@ def test_other_calibration_methods(small, real_data, test_inputs, tmp_path, meth
     clips = split_by_speaker(index_dataset(real_data), 0.1, 0.1, SALT)
     examples = build_task(clips, "12", "training", root=real_data, spec=SPEC).examples[::40][:32]
     reader = LogMelReader(examples, SPEC, load_example, batch_size=16)
-    path = quantize_onnx(out / "model.onnx", tmp_path / "q.onnx", reader, OnnxQuantConfig(method=method))
+    config = OnnxQuantConfig(method=method, activations="int8")
+    path = quantize_onnx(out / "model.onnx", tmp_path / "q.onnx", reader, config)
+    assert _activation_types(onnx.load(str(path))) == {onnx.TensorProto.INT8}  # signed, for ARM
     _, x, _ = test_inputs
     got = _session(path).run(None, {"log_mel": x})[0]
     assert np.isfinite(got).all()
