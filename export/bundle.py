@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import math
 import os
 import platform
 import tempfile
@@ -23,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from kws_runtime.bundle import file_sha256, load_bundle, write_manifest
 from kws_runtime.spec import FeatureSpec
 from kws_train.checkpoint import load_checkpoint
 from kws_train.dataset import DatasetError, build_task, index_dataset, load_example, split_by_speaker
@@ -408,8 +408,6 @@ def _export_bundle(
     seed: int = 0,
     log: Optional[Callable[[str], None]] = None,
 ) -> ExportReport:
-    from kws_runtime.bundle import load_bundle, write_manifest
-
     log = log or (lambda line: None)
     unknown = [f for f in formats if f not in ARTIFACT_FILES]
     if unknown:
@@ -632,6 +630,7 @@ def _export_bundle(
         "onnx_e2e": onnx_e2e,
     }
     rows = []
+    runners: dict = {}
     try:
         for fmt in formats:
             file = ARTIFACT_FILES[fmt]
@@ -650,22 +649,24 @@ def _export_bundle(
                 continue
             verification = fields.pop("verification")
             metrics = {"verification": verification}
-            if test_set is not None or latency_runs:
-                log(f"{fmt}: scoring")
-                if test_set is not None:
-                    metrics.update(scorecard.evaluate(runner, test_set, fp32_top1, latency_runs=latency_runs))
-                elif latency_runs:
-                    metrics["latency_ms"] = scorecard.median_latency_ms(runner, verify_set, runs=latency_runs)
-            from kws_runtime.bundle import file_sha256
-
+            if test_set is not None:
+                log(f"{fmt}: scoring on {len(test_set)} test clips")
+                metrics.update(scorecard.evaluate(runner, test_set, fp32_top1))
             entry = {"file": file, **fields, "sha256": file_sha256(path), "size": path.stat().st_size, "metrics": metrics}
             entry.setdefault("notes", {})
             entries[fmt] = entry
+            runners[fmt] = runner
             results[fmt] = ArtifactResult(fmt, file, True, entry=entry)
+        if latency_runs and runners:
+            log(f"latency: {latency_runs} runs per artifact, batch 1, one thread, artifacts taking turns")
+            for fmt, ms in scorecard.median_latencies_ms(runners, test_set if test_set is not None else verify_set, runs=latency_runs).items():
+                entries[fmt]["metrics"]["latency_ms"] = ms
+        for fmt, entry in entries.items():
+            metrics = entry["metrics"]
             rows.append(
                 scorecard.ScoreRow(
                     fmt,
-                    file,
+                    entry["file"],
                     entry["format"],
                     entry["precision"],
                     entry["size"],

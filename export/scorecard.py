@@ -28,6 +28,7 @@ __all__ = [
     "ScoreRow",
     "agreement",
     "evaluate",
+    "median_latencies_ms",
     "median_latency_ms",
     "onnx_runner",
     "plot_scorecard",
@@ -152,28 +153,38 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
 
 
-def median_latency_ms(runner: Runner, data: EvalSet, runs: int = 50, warmup: int = 5) -> float:
-    """Median wall time of one clip at batch 1 on one thread, in milliseconds.
+def _one_clip_inputs(runner: Runner, data: EvalSet, n: int) -> list:
+    if runner.input_kind == "waveform":
+        return [w[None] for w in data.waveforms(0, n)]
+    return [f[None] for f in data.features()[:n]]
 
-    Clips are taken in order from ``data`` (cycling), the same ones for every artifact.
+
+def median_latencies_ms(runners: dict, data: EvalSet, runs: int = 50, warmup: int = 5) -> dict:
+    """Median wall time of one clip at batch 1 on one thread, in milliseconds, per runner.
+
+    The runners take turns clip by clip, so a change in machine load during the measurement
+    affects them all alike; each sees the same clips (``data``'s first ones, cycling).
+    Torch runners run with ``torch.set_num_threads(1)``; onnxruntime runners are expected to
+    have been made with one intra-op thread (`onnx_runner`'s default).
     """
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     n = min(len(data), runs)
-    if runner.input_kind == "waveform":
-        inputs = [w[None] for w in data.waveforms(0, n)]
-    else:
-        inputs = [f[None] for f in data.features()[:n]]
-    threads = torch_threads(1) if runner.framework == "torch" else contextlib.nullcontext()
-    times = []
-    with threads:
-        for i in range(warmup):
-            runner(inputs[i % n])
-        for i in range(runs):
-            start = time.perf_counter()
-            runner(inputs[i % n])
-            times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    inputs = {name: _one_clip_inputs(r, data, n) for name, r in runners.items()}
+    times: dict = {name: [] for name in runners}
+    with torch_threads(1):
+        for i in range(warmup + runs):
+            for name, runner in runners.items():
+                start = time.perf_counter()
+                runner(inputs[name][i % n])
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
+
+
+def median_latency_ms(runner: Runner, data: EvalSet, runs: int = 50, warmup: int = 5) -> float:
+    """`median_latencies_ms` of one runner."""
+    return median_latencies_ms({"one": runner}, data, runs, warmup)["one"]
 
 
 @dataclasses.dataclass
@@ -194,18 +205,14 @@ class ScoreRow:
         return dataclasses.asdict(self)
 
 
-def evaluate(runner: Runner, data: EvalSet, reference_top1: np.ndarray, latency_runs: int = 50) -> dict:
-    """Accuracy, agreement with the reference's top-1, and latency of one artifact on ``data``."""
-    outputs = run_batched(runner, data)
-    top1 = np.argmax(outputs, axis=1)
-    metrics = {
+def evaluate(runner: Runner, data: EvalSet, reference_top1: np.ndarray) -> dict:
+    """Accuracy and agreement with the reference's top-1 of one artifact on ``data``."""
+    top1 = np.argmax(run_batched(runner, data), axis=1)
+    return {
         "accuracy": float(np.mean(top1 == data.targets)),
         "agreement_fp32": float(np.mean(top1 == reference_top1)),
         "test_clips": len(data),
     }
-    if latency_runs:
-        metrics["latency_ms"] = median_latency_ms(runner, data, runs=latency_runs)
-    return metrics
 
 
 def _pct(value: Optional[float]) -> str:
