@@ -351,7 +351,8 @@ def export_bundle(
             reduced range, and keep the best.
         try_all: try every candidate setting even when the first is good enough.
         latency_runs: timed runs per artifact (0 skips latency).
-        name: model name in the manifest (default: the checkpoint's file stem).
+        name: model name in the manifest (default: the checkpoint's file stem, or its
+            folder's name for kws-train's ``best.pt`` / ``last.pt``).
         force: replace an existing bundle in ``out_dir``.
         seed: drives data selection.
         log: called with progress lines (default: silent).
@@ -676,7 +677,6 @@ def _export_bundle(
                     metrics.get("test_clips", 0),
                 )
             )
-            log(results[fmt].describe())
     finally:
         for leftover in tmp_dir.iterdir():
             leftover.unlink()
@@ -687,7 +687,7 @@ def _export_bundle(
             warn(f"{name_} was not written: {result.error}")
     _check_targets(rows, warn)
 
-    model_name = name or Path(checkpoint_path).stem
+    model_name = name or _default_name(Path(checkpoint_path))
     manifest = {
         "format": "kws-bundle",
         "format_version": 1,
@@ -724,6 +724,13 @@ def _dicts(reader):
     reader.rewind()
     yield from iter(reader.get_next, None)
     reader.rewind()
+
+
+def _default_name(checkpoint: Path) -> str:
+    # kws-train writes <run folder>/best.pt: the folder names the model, the file does not
+    if checkpoint.stem in ("best", "last") and checkpoint.parent.name:
+        return checkpoint.parent.resolve().name
+    return checkpoint.stem
 
 
 def _version(module: str) -> Optional[str]:

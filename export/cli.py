@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-clips", type=int, help="score at most this many test clips (default all)")
     s.add_argument("--latency-runs", type=int, default=50, help="timed runs per artifact, 0 to skip (default 50)")
     p.add_argument("--threads", type=int, help="torch threads while exporting (default: torch's choice)")
-    p.add_argument("--name", help="model name in the manifest (default: the checkpoint's file name)")
+    p.add_argument("--name", help="model name in the manifest (default: the checkpoint's run folder or file name)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle in --out")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
     return p
