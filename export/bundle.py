@@ -22,10 +22,19 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from kws_runtime.audio import AudioError
 from kws_runtime.bundle import file_sha256, load_bundle, write_manifest
 from kws_runtime.spec import FeatureSpec
 from kws_train.checkpoint import load_checkpoint
-from kws_train.dataset import DatasetError, build_task, index_dataset, load_example, split_by_speaker
+from kws_train.dataset import (
+    LABELS_12,
+    LABELS_35,
+    DatasetError,
+    build_task,
+    index_dataset,
+    load_example,
+    split_by_speaker,
+)
 
 from . import e2e, onnx_export, quantize, scorecard, torchscript
 from .quantize import LogMelReader, OnnxQuantConfig
@@ -121,8 +130,6 @@ class ExportReport:
 
 
 def _task_name(labels: Sequence[str]) -> str:
-    from kws_train.dataset import LABELS_12, LABELS_35
-
     if set(labels) == set(LABELS_12):
         return "12"
     if set(labels) == set(LABELS_35):
@@ -421,7 +428,7 @@ def _export_bundle(
     except ValueError as error:
         raise ExportError(str(error)) from None
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, force)
+    _check_out_dir(out_dir, force)
     spec, labels, model = ckpt.spec, list(ckpt.labels), ckpt.model.cpu().eval()
     input_shape = ["batch", 1, spec.n_mels, spec.n_frames]
     warnings_: list = []
@@ -473,7 +480,15 @@ def _export_bundle(
         # no validation split: choose on the calibration clips themselves
         select_set = scorecard.EvalSet(calib_reader.clips, [p[1] for p in calib_reader.clips], spec, _load_pair)
 
-    x_verify = verify_set.features()
+    try:  # read every clip now: a broken file is an input error, not an artifact failure
+        x_verify = verify_set.features()
+        if select_set is not None:
+            select_set.features()
+        if calib_reader is not None:
+            calib_reader.features()
+    except (AudioError, DatasetError) as error:
+        raise ExportError(f"{error}; remove or replace the file") from None
+    _prepare_out_dir(out_dir, force)
     fp32_logits = _eager_logits(model, x_verify)
     fp32_top1 = np.argmax(fp32_logits, axis=1)
     select_fp32 = _eager_logits(model, select_set.features()) if select_set is not None else None
@@ -755,20 +770,26 @@ def _check_targets(rows: list, warn: Callable) -> None:
             warn(f"onnx_int8 is {onnx8.size / onnx32.size:.2f}x the size of onnx_fp32 (target: at most 0.3x)")
 
 
-def _prepare_out_dir(out_dir: Path, force: bool) -> None:
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse an output folder that would be overwritten without ``force`` (nothing is changed)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir}: exists and is not a folder")
+    if not out_dir.exists() or force:
+        return
+    if (out_dir / "manifest.json").exists():
+        raise ExportError(f"{out_dir}: already holds a bundle (manifest.json); pass --force to replace it")
+    if any(not p.name.startswith(".") for p in out_dir.iterdir()):
+        raise ExportError(f"{out_dir}: is not empty and holds no bundle; choose an empty folder or pass --force")
+
+
+def _prepare_out_dir(out_dir: Path, force: bool) -> None:
+    _check_out_dir(out_dir, force)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / "manifest.json"
-    others = [p for p in out_dir.iterdir() if not p.name.startswith(".")]
     if manifest.exists():
-        if not force:
-            raise ExportError(f"{out_dir}: already holds a bundle (manifest.json); pass --force to replace it")
         # Without its manifest the old bundle is no longer a bundle, so a half-rewritten
         # folder can never be loaded with stale checksums.
         manifest.unlink()
         for name in list(ARTIFACT_FILES.values()) + ["scorecard.md", "scorecard.png"]:
             if (out_dir / name).exists():
                 (out_dir / name).unlink()
-    elif others and not force:
-        raise ExportError(f"{out_dir}: is not empty and holds no bundle; choose an empty folder or pass --force")
