@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import soundfile
 
 from kws_runtime.audio import read_audio
 
@@ -287,7 +288,6 @@ def _init_worker(noise_paths: Sequence[str]) -> None:
 
 
 def _render(job: _Job, out_dir: str) -> tuple:
-    import soundfile
 
     speech = synthesize_word(job.word, job.speaker, job.rate, job.pitch, job.pitch_range, job.seed)
     if speech.size == 0:
@@ -471,11 +471,37 @@ def synthesize_dataset(
             "splits": splits,
         }
         (staging / "synth.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        _write_background_noise(staging / BACKGROUND_NOISE, noise_paths, seed)
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return SynthReport(out, len(todo), len(used), splits, seconds, jobs)
+
+
+def _write_background_noise(folder: Path, noise_paths: Sequence[str], seed: int, seconds: int = 60) -> None:
+    """Give the dataset its own ``_background_noise_/``, as Speech Commands has one.
+
+    The trainer cuts ``_silence_`` examples from it and mixes it into training clips, so a
+    synthetic dataset must carry noise to train the 12-class task offline. The given noise
+    recordings are copied; without any, seeded white and pink noise (the two synthetic
+    recordings of the real dataset) are generated.
+    """
+    folder.mkdir()
+    if noise_paths:
+        for path in noise_paths:
+            shutil.copyfile(path, folder / Path(path).name)
+        return
+    rng = np.random.default_rng([seed, 0x6E6F697365])
+    white = rng.standard_normal(seconds * SAMPLE_RATE)
+    # Pink: shape white noise's spectrum by 1/sqrt(f), i.e. power falling 3 dB per octave.
+    spectrum = np.fft.rfft(rng.standard_normal(seconds * SAMPLE_RATE))
+    spectrum[1:] /= np.sqrt(np.arange(1, spectrum.size))
+    spectrum[0] = 0.0
+    pink = np.fft.irfft(spectrum, n=seconds * SAMPLE_RATE)
+    for name, noise in (("white_noise.wav", white), ("pink_noise.wav", pink)):
+        noise = 0.1 * noise / np.sqrt(np.mean(noise**2))  # -20 dBFS RMS
+        soundfile.write(str(folder / name), np.clip(noise, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
 
 
 def _render_all(todo: list, staging: Path, noise_paths: list, jobs: int, progress: bool) -> None:

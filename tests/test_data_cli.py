@@ -77,7 +77,7 @@ def test_synth_then_stats(tmp_path):
     result = kws_data("synth", out, "--words", "left", "right", "--per-word", "3", "--seed", "5", "--jobs", "2", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "6 clips" in result.stdout and "clips/s" in result.stdout
-    assert len(list(out.rglob("*.wav"))) == 6
+    assert len(list(out.glob("*/*_nohash_*.wav"))) == 6
     again = kws_data("synth", out, "--words", "left", "--per-word", "1")
     assert_one_line_error(again, str(out), "not empty", "--overwrite")
     stats = kws_data("stats", out, "--json", "--no-progress")

@@ -27,7 +27,28 @@ def synth_root(tmp_path_factory, real_data):
 
 
 def wav_files(root: Path) -> list:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.wav"))
+    """The spoken clips (the dataset's `_background_noise_/` aside)."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.wav") if p.parent.name != "_background_noise_")
+
+
+def test_dataset_carries_the_given_noise(synth_root, real_data):
+    given = sorted(p.name for p in (real_data / "_background_noise_").glob("*.wav"))
+    assert sorted(p.name for p in (synth_root / "_background_noise_").iterdir()) == given
+
+
+def test_without_noise_it_generates_white_and_pink_noise(tmp_path):
+    out = tmp_path / "syn"
+    synth.synthesize_dataset(out, words=["go"], per_word=1, seed=3, jobs=1, progress=False)
+    noise = {p.name: soundfile.read(str(p))[0] for p in (out / "_background_noise_").iterdir()}
+    assert sorted(noise) == ["pink_noise.wav", "white_noise.wav"]
+    for audio in noise.values():
+        assert len(audio) == 60 * 16000 and 0.05 < np.sqrt(np.mean(audio**2)) < 0.2
+    # pink noise has more power below 500 Hz than above 4 kHz; white noise has it spread evenly
+    def low_high(audio):
+        power = np.abs(np.fft.rfft(audio)) ** 2
+        hz = np.fft.rfftfreq(len(audio), 1 / 16000)
+        return power[(hz > 20) & (hz < 500)].mean() / power[hz > 4000].mean()
+    assert low_high(noise["pink_noise.wav"]) > 10 * low_high(noise["white_noise.wav"])
 
 
 def test_clips_are_one_second_16k_mono_pcm_and_not_silent(synth_root):
@@ -45,7 +66,7 @@ def test_clips_are_one_second_16k_mono_pcm_and_not_silent(synth_root):
 
 
 def test_layout_labels_and_lists_are_consistent(synth_root):
-    assert sorted(p.name for p in synth_root.iterdir() if p.is_dir()) == sorted(WORDS)
+    assert sorted(p.name for p in synth_root.iterdir() if p.is_dir()) == sorted(WORDS + ["_background_noise_"])
     with open(synth_root / "speakers.csv", newline="") as f:
         speakers = {row["speaker"]: row for row in csv.DictReader(f)}
     listed = {}
@@ -131,5 +152,5 @@ def test_overwrite_replaces_a_synthetic_dataset(tmp_path):
     out = tmp_path / "syn"
     synth.synthesize_dataset(out, words=["go"], per_word=2, seed=1, jobs=1, progress=False)
     synth.synthesize_dataset(out, words=["up"], per_word=1, seed=1, jobs=1, overwrite=True, progress=False)
-    assert [p.parent.name for p in out.rglob("*.wav")] == ["up"]
+    assert [Path(p).parent.name for p in wav_files(out)] == ["up"]
     assert [p.name for p in tmp_path.iterdir()] == ["syn"]  # no staging folders left behind
