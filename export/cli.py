@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="uint8",
         help="ONNX activation type (default uint8: onnxruntime's fast path on x86; int8 for ARM targets)",
     )
-    q.add_argument("--per-tensor", action="store_true", help="start from per-tensor weight scales instead of per-channel (ONNX)")
+    q.add_argument("--per-tensor", action="store_true", help="start from per-tensor weight scales instead of per-channel")
     q.add_argument("--reduce-range", action="store_true", help="start from 7-bit weights (ONNX) / activations (TorchScript)")
     q.add_argument("--no-select", action="store_true", help="keep the first int8 setting even if it loses accuracy")
     q.add_argument("--try-all", action="store_true", help="try every int8 setting and keep the best")
@@ -112,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             selection_clips=args.selection_clips,
             test_clips=args.test_clips,
             onnx_quant=OnnxQuantConfig(args.calib_method, not args.per_tensor, args.reduce_range, args.activations),
-            torch_quant=TorchQuantConfig(per_channel=False, reduce_range=args.reduce_range),
+            torch_quant=TorchQuantConfig(per_channel=not args.per_tensor, reduce_range=args.reduce_range),
             select_quantization=not args.no_select,
             try_all=args.try_all,
             latency_runs=args.latency_runs,
@@ -129,6 +129,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     for result in report.artifacts.values():
         print(result.describe())
+    if args.quiet:  # otherwise they were printed as they came
+        for warning in report.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     if report.manifest_path is None:
         print(f"kws-export: no artifact could be written to {report.out_dir}", file=sys.stderr)
         return 2

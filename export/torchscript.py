@@ -147,13 +147,15 @@ class TorchQuantConfig:
     """Observers for eager-mode static quantization with the qnnpack engine.
 
     Args:
-        per_channel: one weight scale per output channel (qnnpack runs both).
+        per_channel: one weight scale per output channel (qnnpack runs both). The default:
+            depthwise convolutions (MobileNetV2, ShuffleNetV2) have channels whose weights
+            differ by orders of magnitude, which one scale per tensor flattens to zero.
         reduce_range: 7-bit activations, for kernels whose 8-bit products can saturate.
         observer: activation observer, ``"histogram"`` (minimises quantization error, the
             qnnpack default) or ``"minmax"``.
     """
 
-    def __init__(self, per_channel: bool = False, reduce_range: bool = False, observer: str = "histogram"):
+    def __init__(self, per_channel: bool = True, reduce_range: bool = False, observer: str = "histogram"):
         if observer not in ("histogram", "minmax"):
             raise ValueError(f"unknown observer {observer!r}; choose 'histogram' or 'minmax'")
         self.per_channel = per_channel

@@ -310,14 +310,15 @@ def test_int8_settings_are_chosen_on_validation_clips(small, real_data, tmp_path
         calib_clips=24, selection_clips=24, latency_runs=0, try_all=True, threads=1,
     )
     assert report.ok, report.failed
-    for name in ("onnx_int8", "torchscript_int8"):
+    for name, method_key in (("onnx_int8", "calibration_method"), ("torchscript_int8", "observer")):
         notes = report.artifacts[name].entry["notes"]
         tried = notes["candidates"]
         settings = {(c["config"]["per_channel"], c["config"]["reduce_range"]) for c in tried}
-        assert settings == {(True, False), (False, False), (True, True)} or settings == {(False, False), (True, False), (False, True)}
-        best = max(c["selection_agreement"] for c in tried)
+        assert settings == {(True, False), (False, False), (True, True)}  # per-channel first, then the others
+        assert len({c["config"][method_key] for c in tried}) > 1
+        best = max((c["selection_agreement"], -c["selection_kl"]) for c in tried)
         chosen = [c for c in tried if c["config"] == notes["quantization"]]
-        assert chosen and chosen[0]["selection_agreement"] == best
+        assert len(chosen) == 1 and (chosen[0]["selection_agreement"], -chosen[0]["selection_kl"]) == best
     # no test data: verified on validation clips, no accuracy on the scorecard
     assert all(row["accuracy"] is None for row in report.scorecard)
 
