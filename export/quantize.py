@@ -8,8 +8,10 @@ the model is served with.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -111,7 +113,9 @@ class LogMelReader(CalibrationDataReader):
         spec: feature spec of the model.
         load: ``load(clip, spec) -> float32 (spec.clip_samples,)``; reads an audio file by default.
         input_name: the model's input name.
-        batch_size: clips per batch.
+        batch_size: at most this many clips per batch. Batches all have the same size (the
+            largest divisor of the clip count up to ``batch_size``): onnxruntime's entropy
+            and percentile calibrators stack the batches' activations into one array.
 
     Each batch is ``{input_name: float32 (batch, 1, n_mels, frames)}``.
     """
@@ -132,7 +136,7 @@ class LogMelReader(CalibrationDataReader):
         self.spec = spec
         self.load = load
         self.input_name = input_name
-        self.batch_size = batch_size
+        self.batch_size = max(d for d in range(1, min(batch_size, len(self.clips)) + 1) if len(self.clips) % d == 0)
         self._batches: list = []
         self._next = 0
 
@@ -195,18 +199,20 @@ def quantize_onnx(model_path, output_path, reader: CalibrationDataReader, config
         if config.method == "percentile":
             extra["CalibPercentile"] = 99.999
         try:
-            quantize_static(
-                str(prepared),
-                str(quantized),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                activation_type=ACTIVATION_TYPES[config.activations],
-                weight_type=QuantType.QInt8,
-                per_channel=config.per_channel,
-                reduce_range=config.reduce_range,
-                calibrate_method=CALIBRATION_METHODS[config.method],
-                extra_options=extra,
-            )
+            # the histogram calibrators print progress on stdout, which belongs to the caller
+            with contextlib.redirect_stdout(sys.stderr):
+                quantize_static(
+                    str(prepared),
+                    str(quantized),
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=ACTIVATION_TYPES[config.activations],
+                    weight_type=QuantType.QInt8,
+                    per_channel=config.per_channel,
+                    reduce_range=config.reduce_range,
+                    calibrate_method=CALIBRATION_METHODS[config.method],
+                    extra_options=extra,
+                )
         except Exception as exc:
             raise QuantizationError(f"{model_path}: onnxruntime quantize_static ({config.name}) failed: {type(exc).__name__}: {exc}") from exc
         model = onnx.load(str(quantized))
