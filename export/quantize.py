@@ -196,8 +196,11 @@ def quantize_onnx(model_path, output_path, reader: CalibrationDataReader, config
                 raise QuantizationError(f"{model_path}: onnxruntime pre-processing failed: {type(exc).__name__}: {exc}") from exc
         quantized = Path(tmp) / "quantized.onnx"
         extra = {}
+        cache = None
         if config.method == "percentile":
             extra["CalibPercentile"] = 99.999
+        elif config.method == "entropy":
+            cache = _entropy_ranges(prepared, reader, Path(tmp))
         try:
             # the histogram calibrators print progress on stdout, which belongs to the caller
             with contextlib.redirect_stdout(sys.stderr):
@@ -212,6 +215,7 @@ def quantize_onnx(model_path, output_path, reader: CalibrationDataReader, config
                     reduce_range=config.reduce_range,
                     calibrate_method=CALIBRATION_METHODS[config.method],
                     extra_options=extra,
+                    calibration_cache_path=cache,
                 )
         except Exception as exc:
             raise QuantizationError(f"{model_path}: onnxruntime quantize_static ({config.name}) failed: {type(exc).__name__}: {exc}") from exc
@@ -220,6 +224,37 @@ def quantize_onnx(model_path, output_path, reader: CalibrationDataReader, config
         onnx.save(model, str(quantized))
         os.replace(quantized, output_path)
     return output_path
+
+
+ENTROPY_BINS = 512
+
+
+def _entropy_ranges(model_path: Path, reader: CalibrationDataReader, tmp: Path) -> Path:
+    """Activation ranges by the entropy (KL divergence) method over `ENTROPY_BINS` bins.
+
+    ``quantize_static`` runs its entropy calibrator with 128 histogram bins and 128 quantized
+    bins, which leaves a single candidate threshold -- the full range, i.e. MinMax. The
+    calibrator is run here with a 512-bin histogram (193 candidate thresholds; TensorRT's
+    2048 bins cost 4x the time for thresholds 4x closer together), and its ranges are handed
+    to ``quantize_static`` as a calibration cache.
+    """
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    with contextlib.redirect_stdout(sys.stderr):
+        calibrator = create_calibrator(
+            model_path,
+            None,
+            augmented_model_path=str(tmp / "augmented.onnx"),
+            calibrate_method=CalibrationMethod.Entropy,
+            extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": 128},
+        )
+        calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+    cache = tmp / "entropy-ranges.json"
+    save_tensors_data(ranges, cache)
+    if hasattr(reader, "rewind"):
+        reader.rewind()
+    return cache
 
 
 def compact_qdq(model: onnx.ModelProto) -> onnx.ModelProto:

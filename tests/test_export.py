@@ -316,13 +316,15 @@ def test_int8_settings_are_chosen_on_validation_clips(small, real_data, tmp_path
         settings = {(c["config"]["per_channel"], c["config"]["reduce_range"]) for c in tried}
         assert settings == {(True, False), (False, False), (True, True)}  # per-channel first, then the others
         assert len({c["config"][method_key] for c in tried}) > 1
+        # different settings give different models (entropy is not MinMax in disguise)
+        assert len({round(c["selection_kl"], 12) for c in tried}) == len(tried)
         chosen = [c for c in tried if c["config"] == notes["quantization"]]
         assert len(chosen) == 1 and chosen[0]["selection_kl"] == min(c["selection_kl"] for c in tried)
     # no test data: verified on validation clips, no accuracy on the scorecard
     assert all(row["accuracy"] is None for row in report.scorecard)
 
 
-@pytest.mark.parametrize("method", ["entropy", "percentile"])
+@pytest.mark.parametrize("method", ["percentile"])  # entropy: among the candidates above
 def test_other_calibration_methods(small, real_data, test_inputs, tmp_path, method):
     from export import OnnxQuantConfig, quantize_onnx
 
