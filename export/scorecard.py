@@ -257,12 +257,13 @@ def plot_scorecard(rows: Sequence[ScoreRow], path, title: str = "Accuracy agains
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), dpi=110)
+    fig = Figure(figsize=(8, 4.5), dpi=110)
     ax = fig.subplots()
+    # Artifacts often share an accuracy (and lite files a latency): a legend, not labels on points.
     for r in points:
         marker = "o" if r.precision == "fp32" else "s"
-        ax.scatter(r.latency_ms, 100 * r.accuracy, marker=marker, s=40)
-        ax.annotate(r.artifact, (r.latency_ms, 100 * r.accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.scatter(r.latency_ms, 100 * r.accuracy, marker=marker, s=50, alpha=0.8, label=f"{r.artifact} ({r.latency_ms:.2f} ms)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("median latency per clip, batch 1, 1 thread (ms, log scale)")
     ax.set_ylabel("test accuracy (%)")
