@@ -462,7 +462,7 @@ def _export_bundle(
 
     # ---- data: calibration (training split), selection (validation split), test (testing split)
     settings = _split_settings(ckpt.config)
-    if settings["salt"] is not None:
+    if settings["salt"] is not None and (calib_root is not None or test_root is not None):
         log(f"splits: by speaker with the checkpoint's salt {settings['salt']!r}")
     calib_reader = select_set = None
     calib_counts: list = []
