@@ -672,7 +672,7 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
                                           f"{100 * scored.accuracy:.1f}%")
         summary = {
             "architecture": config.architecture, "variant": config.variant, "features": config.features,
-            "task": config.task, "epochs_run": len(history), "finished": finished,
+            "task": config.task, "seed": config.seed, "epochs_run": len(history), "finished": finished,
             "best_epoch": best_epoch, "best_val_accuracy": best_acc,
             "train_samples_per_s": float(np.median(throughput)) if throughput else None,
             "train_clips": len(train_split), "val_clips": len(val_split),

@@ -34,8 +34,8 @@ REAL_DATA = REPO.parent / "shared" / "data" / "speech_commands_real"
 SALT = "kws-real-1"
 
 
-def run_name(architecture: str, variant: str, features: str, synth: bool) -> str:
-    return f"{architecture}-{variant}-{features}" + ("-synth" if synth else "")
+def run_name(architecture: str, variant: str, features: str, synth: bool, seed: int = 0) -> str:
+    return f"{architecture}-{variant}-{features}" + ("-synth" if synth else "") + (f"-seed{seed}" if seed else "")
 
 
 def parse_run(text: str):
@@ -59,17 +59,18 @@ def report(out: Path) -> str:
     for path in sorted(out.glob("*/summary.json")):
         s = json.loads(path.read_text())
         rows.append((
-            s["architecture"], s["variant"], s["features"], "real+synth" if path.parent.name.endswith("-synth") else "real",
+            s["architecture"], s["variant"], s["features"], "real+synth" if "-synth" in path.parent.name else "real",
+            str(s.get("seed", 0)),
             f"{s['epochs_run']}{'' if s['finished'] else '*'}", str(s["best_epoch"]),
             f"{100 * s['best_val_accuracy']:.1f}", "-" if not s["test"] else f"{100 * s['test']['accuracy']:.1f}",
             "-" if not s["test"] else str(s["test"]["count"]),
             "-" if s.get("train_samples_per_s") is None else f"{s['train_samples_per_s']:.0f}",
         ))
-    header = ("model", "variant", "features", "train data", "epochs", "best", "val %", "test %", "test clips", "clips/s")
+    header = ("model", "variant", "features", "train data", "seed", "epochs", "best", "val %", "test %", "test clips", "clips/s")
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + ("\n(* stopped before its last epoch)" if any(r[4].endswith("*") for r in rows) else "")
+    return "\n".join(lines) + ("\n(* stopped before its last epoch)" if any(r[5].endswith("*") for r in rows) else "")
 
 
 def main(argv=None) -> int:
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         return 0
     runs = args.runs or [(a, v, f) for f in ("fine", "seed") for a in ARCHITECTURES for v in VARIANTS]
     for architecture, variant, features in runs:
-        name = run_name(architecture, variant, features, bool(args.synth))
+        name = run_name(architecture, variant, features, bool(args.synth), args.seed)
         folder = out / name
         summary = folder / "summary.json"
         if summary.is_file() and json.loads(summary.read_text()).get("finished"):
