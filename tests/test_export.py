@@ -316,15 +316,38 @@ def test_int8_settings_are_chosen_on_validation_clips(small, real_data, tmp_path
         settings = {(c["config"]["per_channel"], c["config"]["reduce_range"]) for c in tried}
         assert settings == {(True, False), (False, False), (True, True)}  # per-channel first, then the others
         assert len({c["config"][method_key] for c in tried}) > 1
-        # different settings give different models (entropy is not MinMax in disguise)
-        assert len({round(c["selection_kl"], 12) for c in tried}) == len(tried)
+        assert len({round(c["selection_kl"], 12) for c in tried}) == len(tried)  # different models
         chosen = [c for c in tried if c["config"] == notes["quantization"]]
         assert len(chosen) == 1 and chosen[0]["selection_kl"] == min(c["selection_kl"] for c in tried)
     # no test data: verified on validation clips, no accuracy on the scorecard
     assert all(row["accuracy"] is None for row in report.scorecard)
 
 
-@pytest.mark.parametrize("method", ["percentile"])  # entropy: among the candidates above
+def test_entropy_calibration_searches_thresholds(real_data, tmp_path):
+    # onnxruntime's quantize_static runs its entropy calibrator with a single candidate
+    # threshold, so its "entropy" ranges are MinMax's; ours must differ.
+    from onnx import numpy_helper
+
+    from export import OnnxQuantConfig, export_onnx, quantize_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 12),
+    ).eval()
+    export_onnx(model, tmp_path / "m.onnx", (1, 1, *SPEC.shape))
+    reader = LogMelReader(sorted((real_data / "yes").glob("*.wav"))[:32], SPEC, batch_size=16)
+    scales = {}
+    for method in ("minmax", "entropy"):
+        path = quantize_onnx(tmp_path / "m.onnx", tmp_path / f"{method}.onnx", reader, OnnxQuantConfig(method=method))
+        graph = onnx.load(str(path)).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        scales[method] = np.array([float(inits[n.input[1]]) for n in graph.node if n.op_type == "QuantizeLinear"])
+    assert scales["minmax"].shape == scales["entropy"].shape
+    assert not np.allclose(scales["entropy"], scales["minmax"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["percentile"])
 def test_other_calibration_methods(small, real_data, test_inputs, tmp_path, method):
     from export import OnnxQuantConfig, quantize_onnx
 
