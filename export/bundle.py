@@ -790,7 +790,7 @@ def _check_targets(rows: list, warn: Callable) -> None:
     onnx32, onnx8 = by_name.get("onnx_fp32"), by_name.get("onnx_int8")
     if onnx32 and onnx8:
         if onnx8.size > 0.3 * onnx32.size:
-            warn(f"onnx_int8 is {onnx8.size / onnx32.size:.2f}x the size of onnx_fp32 (target: at most 0.3x)")
+            warn(f"onnx_int8 is {onnx8.size / onnx32.size:.3f}x the size of onnx_fp32 (target: at most 0.3x)")
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
