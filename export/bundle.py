@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import shutil
 import tempfile
 import traceback
 from pathlib import Path
@@ -623,8 +624,8 @@ def _export_bundle(
         source = fp32_onnx_file()
 
         def build(config):
-            out = tmp_dir / f"int8-{len(os.listdir(tmp_dir))}.onnx"
-            return quantize.quantize_onnx(source, out, calib_reader, config)
+            state["candidates"] = state.get("candidates", 0) + 1
+            return quantize.quantize_onnx(source, tmp_dir / f"int8-{state['candidates']}.onnx", calib_reader, config)
 
         def outputs(candidate):
             return _batched(scorecard.onnx_runner(candidate), select_set.features())
@@ -716,9 +717,7 @@ def _export_bundle(
                 )
             )
     finally:
-        for leftover in tmp_dir.iterdir():
-            leftover.unlink()
-        tmp_dir.rmdir()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
     for name_, result in results.items():
         if not result.ok:
