@@ -88,7 +88,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("auto", "testing", "validation", "training", "all"), default="auto",
                    help="which clips: testing, validation, training, all; auto (default): every clip of the "
                    "official test archive (a folder with _unknown_/), else testing")
-    p.add_argument("--salt", help="re-split by speaker with this salt first (as training with --split speaker did)")
+    p.add_argument("--salt", help="re-split by speaker with this salt first; with a run's --salt and fractions "
+                   "this scores exactly the clips that run held out")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F")
     p.add_argument("--test-fraction", type=float, default=0.1, metavar="F")
     p.add_argument("-b", "--batch-size", type=int, default=256, metavar="N")

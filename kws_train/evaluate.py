@@ -33,7 +33,13 @@ __all__ = [
     "confusion_matrix",
     "format_report",
     "task_of_labels",
+    "SPLIT_SEED_OFFSET",
 ]
+
+
+# The trainer draws each split's silence windows and unknown clips with seed + offset; scoring
+# a checkpoint with the same offsets reproduces the run's own validation and test figures.
+SPLIT_SEED_OFFSET = {"training": 0, "validation": 1, "testing": 2}
 
 
 def confusion_matrix(targets, predictions, num_classes: int) -> np.ndarray:
@@ -230,7 +236,7 @@ def evaluate_checkpoint(
     testing_fraction: float = 0.1,
     batch_size: int = 256,
     device: str = "cpu",
-    seed: int = 0,
+    seed: Optional[int] = None,
     progress: bool = False,
 ) -> EvalResult:
     """Score a checkpoint on a dataset split, with the checkpoint's own features and labels.
@@ -246,7 +252,8 @@ def evaluate_checkpoint(
             None keeps the dataset's own split.
         batch_size: clips per forward pass.
         device: ``"cpu"`` or ``"cuda"``.
-        seed: which silence windows (and unknown clips) the 12-class task draws.
+        seed: which silence windows (and unknown clips) the 12-class task draws; None: the
+            ones the training run drew for that split (its seed + `SPLIT_SEED_OFFSET`).
 
     Raises:
         CheckpointError, DatasetError, ValueError: unreadable checkpoint, unusable data, or no
@@ -266,6 +273,8 @@ def evaluate_checkpoint(
     if split == "all":
         clips = [dataclasses.replace(c, split="testing") for c in clips]
         split = "testing"
+    if seed is None:
+        seed = int(ckpt.config.get("seed", 0)) + SPLIT_SEED_OFFSET[split]
     # Without background noise there is nothing to cut silence from: score the words only.
     silence = 10.0 if noise_files(data_root) else 0.0
     examples = build_task(clips, task, split, root=data_root, silence_percentage=silence, seed=seed, spec=ckpt.spec)

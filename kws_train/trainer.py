@@ -47,7 +47,7 @@ from .dataset import DatasetError, TASKS, background_noise, build_task, index_da
 from .distributed import (
     DistContext, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed,
 )
-from .evaluate import EvalResult, evaluate_model
+from .evaluate import SPLIT_SEED_OFFSET, EvalResult, evaluate_model
 from .models import VARIANTS, build_model, canonical_architecture
 
 __all__ = [
@@ -325,9 +325,10 @@ def _tasks(config: TrainConfig, spec: FeatureSpec):
     clips, extra = _clips(config)
     common = dict(root=config.data, silence_percentage=config.silence_percentage,
                   unknown_percentage=config.unknown_percentage, spec=spec)
-    train = build_task(clips + extra, config.task, "training", seed=config.seed, **common)
-    val = build_task(clips, config.task, "validation", seed=config.seed + 1, **common)
-    test = build_task(clips, config.task, "testing", seed=config.seed + 2, **common)
+    def task(split, split_clips):
+        return build_task(split_clips, config.task, split, seed=config.seed + SPLIT_SEED_OFFSET[split], **common)
+
+    train, val, test = task("training", clips + extra), task("validation", clips), task("testing", clips)
     how = "the dataset's split" if config.split == "dataset" else f"--split speaker (salt {config.split_salt!r})"
     if not train.examples:
         raise TrainError(f"{config.data}: no training clips of the {config.task}-class task under {how}")
