@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -42,8 +42,8 @@ from kws_runtime.spec import FeatureSpec
 from . import plots
 from .augment import AugmentConfig, build_frontend
 from .cache import BatchLoader, build_cache
-from .checkpoint import CheckpointError, save_checkpoint
-from .dataset import DatasetError, TASKS, background_noise, build_task, index_dataset, split_by_speaker
+from .checkpoint import save_checkpoint
+from .dataset import TASKS, background_noise, build_task, index_dataset, split_by_speaker
 from .distributed import (
     DistContext, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed,
 )
