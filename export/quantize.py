@@ -264,19 +264,21 @@ def compact_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     (``/layer1/layer1.0/conv1/Conv_output_0_DequantizeLinear_Output``...): on a small model
     such as ShuffleNetV2 0.5x those names weigh a third of the int8 weights. Internal tensors
     get short names (graph inputs and outputs keep theirs), node names and doc strings go, and
-    the all-zero zero points of symmetric int8 weights -- which DequantizeLinear assumes when
-    the input is absent -- are dropped.
+    the all-zero zero points of the symmetric int8 weights and int32 biases -- which
+    DequantizeLinear assumes when the input is absent -- are dropped (with per-channel weights
+    the biases' zero points alone weigh as much as the biases).
     """
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
+    symmetric = (onnx.TensorProto.INT8, onnx.TensorProto.INT32)
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or len(node.input) != 3:
             continue
-        weight, zero_point = initializers.get(node.input[0]), initializers.get(node.input[2])
+        constant, zero_point = initializers.get(node.input[0]), initializers.get(node.input[2])
         if (
-            weight is not None
+            constant is not None
             and zero_point is not None
-            and weight.data_type == onnx.TensorProto.INT8
+            and constant.data_type in symmetric
             and not numpy_helper.to_array(zero_point).any()
         ):
             del node.input[2]
