@@ -315,7 +315,8 @@ def _select(name: str, candidates: Sequence, build: Callable, outputs: Callable,
 
 def _candidates(first) -> list:
     """The requested setting, then the alternatives tried when it loses too much accuracy:
-    the other weight granularity, reduced range, then another activation calibration."""
+    the other weight granularity, reduced range, another activation calibration, and last
+    the requested setting with the first convolution and the classifier kept in float."""
     out = [first]
 
     def add(config):
@@ -330,9 +331,10 @@ def _candidates(first) -> list:
         # models it flipped 5-10% of the decisions (it stays available on request).
         add(dataclasses.replace(first, method="minmax" if first.method != "minmax" else "percentile"))
     else:
-        add(TorchQuantConfig(not first.per_channel, first.reduce_range, first.observer))
-        add(TorchQuantConfig(first.per_channel, not first.reduce_range, first.observer))
-        add(TorchQuantConfig(first.per_channel, first.reduce_range, "minmax" if first.observer == "histogram" else "histogram"))
+        add(dataclasses.replace(first, per_channel=not first.per_channel))
+        add(dataclasses.replace(first, reduce_range=not first.reduce_range))
+        add(dataclasses.replace(first, observer="minmax" if first.observer == "histogram" else "histogram"))
+    add(dataclasses.replace(first, float_ends=True))
     return out
 
 

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--per-tensor", action="store_true", help="start from per-tensor weight scales instead of per-channel")
     q.add_argument("--reduce-range", action="store_true", help="start from 7-bit weights (ONNX) / activations (TorchScript)")
+    q.add_argument("--float-ends", action="store_true", help="start with the first convolution and the classifier kept in float")
     q.add_argument("--no-select", action="store_true", help="keep the first int8 setting even if it loses accuracy")
     q.add_argument("--try-all", action="store_true", help="try every int8 setting and keep the best")
     q.add_argument("--selection-clips", type=int, default=400, help="validation clips that choose the int8 setting (default 400)")
@@ -111,8 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             calib_clips=args.calib_clips,
             selection_clips=args.selection_clips,
             test_clips=args.test_clips,
-            onnx_quant=OnnxQuantConfig(args.calib_method, not args.per_tensor, args.reduce_range, args.activations),
-            torch_quant=TorchQuantConfig(per_channel=not args.per_tensor, reduce_range=args.reduce_range),
+            onnx_quant=OnnxQuantConfig(args.calib_method, not args.per_tensor, args.reduce_range, args.activations, args.float_ends),
+            torch_quant=TorchQuantConfig(not args.per_tensor, args.reduce_range, float_ends=args.float_ends),
             select_quantization=not args.no_select,
             try_all=args.try_all,
             latency_runs=args.latency_runs,

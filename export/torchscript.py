@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -143,30 +144,38 @@ def load_lite(path):
         return _load_for_lite_interpreter(str(path))
 
 
+@dataclasses.dataclass(frozen=True)
 class TorchQuantConfig:
     """Observers for eager-mode static quantization with the qnnpack engine.
 
-    Args:
+    Attributes:
         per_channel: one weight scale per output channel (qnnpack runs both). The default:
             depthwise convolutions (MobileNetV2, ShuffleNetV2) have channels whose weights
             differ by orders of magnitude, which one scale per tensor flattens to zero.
         reduce_range: 7-bit activations, for kernels whose 8-bit products can saturate.
         observer: activation observer, ``"histogram"`` (minimises quantization error, the
             qnnpack default) or ``"minmax"``.
+        float_ends: keep the first convolution and the classifier in float. They hold few of
+            the operations but see the rawest input and decide the output; when quantizing
+            every layer flips too many decisions, this is the usual mixed-precision fallback.
     """
 
-    def __init__(self, per_channel: bool = True, reduce_range: bool = False, observer: str = "histogram"):
-        if observer not in ("histogram", "minmax"):
-            raise ValueError(f"unknown observer {observer!r}; choose 'histogram' or 'minmax'")
-        self.per_channel = per_channel
-        self.reduce_range = reduce_range
-        self.observer = observer
+    per_channel: bool = True
+    reduce_range: bool = False
+    observer: str = "histogram"
+    float_ends: bool = False
+
+    def __post_init__(self):
+        if self.observer not in ("histogram", "minmax"):
+            raise ValueError(f"unknown observer {self.observer!r}; choose 'histogram' or 'minmax'")
 
     @property
     def name(self) -> str:
         parts = [self.observer, "per-channel" if self.per_channel else "per-tensor"]
         if self.reduce_range:
             parts.append("reduced range")
+        if self.float_ends:
+            parts.append("first convolution and classifier in float")
         return ", ".join(parts)
 
     def to_dict(self) -> dict:
@@ -175,10 +184,8 @@ class TorchQuantConfig:
             "observer": self.observer,
             "per_channel": self.per_channel,
             "reduce_range": self.reduce_range,
+            "float_layers": "first convolution, classifier" if self.float_ends else "none",
         }
-
-    def __repr__(self) -> str:
-        return f"TorchQuantConfig({self.name})"
 
     def qconfig(self):
         from torch.ao.quantization import (
@@ -219,6 +226,8 @@ def quantize_qnnpack(model: nn.Module, batches: Iterable[torch.Tensor], config: 
     with _quiet_deprecations(), quantized_engine(QUANTIZED_ENGINE), torch.no_grad():
         q.fuse_model()
         q.qconfig = config.qconfig()
+        if config.float_ends:
+            _keep_ends_in_float(q)
         prepare(q, inplace=True)
         for batch in batches:
             q(batch)
@@ -227,3 +236,46 @@ def quantize_qnnpack(model: nn.Module, batches: Iterable[torch.Tensor], config: 
             raise ValueError("no calibration batches: the observers saw nothing")
         convert(q, inplace=True)
     return q
+
+
+class _FloatIsland(nn.Module):
+    """A module that stays float inside a quantized model: dequantize, run it, quantize again.
+
+    Without ``requantize`` its float output goes on as is (``dequantize`` of a float tensor
+    returns it unchanged, so the model's own DeQuantStub after it is harmless).
+    """
+
+    def __init__(self, module: nn.Module, requantize: bool = True):
+        super().__init__()
+        from torch.ao.quantization import DeQuantStub, QuantStub
+
+        module.qconfig = None  # prepare() and convert() leave it, and all it holds, alone
+        self.dequant = DeQuantStub()
+        self.module = module
+        self.quant = QuantStub() if requantize else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(self.module(self.dequant(x)))
+
+
+def _keep_ends_in_float(model: nn.Module) -> None:
+    """Wrap the first convolution and the last linear layer of a fused model in float islands.
+
+    A fused conv-bn-relu is wrapped whole. The classifier's float logits go straight to the
+    model's DeQuantStub.
+    """
+    from torch.ao.nn.intrinsic import _FusedModule
+
+    def unit(name: str) -> str:
+        parent = name.rpartition(".")[0]
+        return parent if parent and isinstance(model.get_submodule(parent), _FusedModule) else name
+
+    modules = list(model.named_modules())
+    convs = [name for name, m in modules if isinstance(m, nn.Conv2d)]
+    linears = [name for name, m in modules if isinstance(m, nn.Linear)]
+    if not convs or not linears:
+        raise ValueError(f"{type(model).__name__} has no convolution or no linear layer to keep in float")
+    for name, requantize in ((unit(convs[0]), True), (unit(linears[-1]), False)):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, _FloatIsland(getattr(owner, child), requantize))

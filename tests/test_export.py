@@ -313,11 +313,44 @@ def test_int8_settings_are_chosen_on_validation_clips(small, real_data, tmp_path
         settings = {(c["config"]["per_channel"], c["config"]["reduce_range"]) for c in tried}
         assert settings == {(True, False), (False, False), (True, True)}  # per-channel first, then the others
         assert len({c["config"][method_key] for c in tried}) > 1
+        assert [c["config"]["float_layers"] for c in tried][-1] == "first convolution, classifier"
         assert len({round(c["selection_kl"], 12) for c in tried}) == len(tried)  # different models
         chosen = [c for c in tried if c["config"] == notes["quantization"]]
         assert len(chosen) == 1 and chosen[0]["selection_kl"] == min(c["selection_kl"] for c in tried)
     # no test data: verified on validation clips, no accuracy on the scorecard
     assert all(row["accuracy"] is None for row in report.scorecard)
+
+
+def test_float_ends_keep_the_first_convolution_and_the_classifier_in_float(small, real_data, test_inputs, tmp_path):
+    from export import OnnxQuantConfig, TorchQuantConfig, quantize_onnx
+    from export.torchscript import quantize_qnnpack, quantized_engine, trace
+
+    arch, ckpt, out, _ = small
+    reader = LogMelReader(sorted((real_data / "up").glob("*.wav"))[:16], SPEC, batch_size=16)
+    _, x, _ = test_inputs
+    fp32 = _eager(ckpt, x)
+
+    # onnxruntime: the two nodes read float weights, every other Conv reads dequantized ones
+    path = quantize_onnx(out / "model.onnx", tmp_path / "q.onnx", reader, OnnxQuantConfig(float_ends=True))
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    weights = [n.input[1] for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    float_weights = [w for w in weights if w in inits and inits[w].data_type == onnx.TensorProto.FLOAT]
+    assert len(float_weights) == 2 and weights.index(float_weights[0]) == 0 and weights.index(float_weights[1]) == len(weights) - 1
+    got = _session(path).run(None, {"log_mel": x})[0]
+    assert np.mean(got.argmax(1) == fp32.argmax(1)) >= 0.5
+
+    # torch: the first conv unit and fc stay float modules inside the quantized model
+    model = load_checkpoint(ckpt).model.eval()
+    q = quantize_qnnpack(model, [torch.from_numpy(reader.features())], TorchQuantConfig(float_ends=True))
+    quantized = [name for name, m in q.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")
+                 and type(m).__name__.startswith("Conv")]
+    floats = [name for name, m in q.named_modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
+    assert quantized and len(floats) == 2 and floats[-1].endswith("fc.module")
+    with quantized_engine("qnnpack"), torch.no_grad():
+        traced = trace(q, torch.from_numpy(x[:2]))
+        got = traced(torch.from_numpy(x)).numpy()
+    assert np.isfinite(got).all() and np.mean(got.argmax(1) == fp32.argmax(1)) >= 0.5
 
 
 def test_entropy_calibration_searches_thresholds(real_data, tmp_path):
