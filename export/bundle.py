@@ -27,15 +27,8 @@ from kws_runtime.audio import AudioError
 from kws_runtime.bundle import file_sha256, load_bundle, write_manifest
 from kws_runtime.spec import FeatureSpec
 from kws_train.checkpoint import load_checkpoint
-from kws_train.dataset import (
-    LABELS_12,
-    LABELS_35,
-    DatasetError,
-    build_task,
-    index_dataset,
-    load_example,
-    split_by_speaker,
-)
+from kws_train.dataset import LABELS_12, LABELS_35, DatasetError, load_example, task_split
+from kws_train.trainer import split_options
 
 from . import e2e, onnx_export, quantize, scorecard, torchscript
 from .quantize import LogMelReader, OnnxQuantConfig
@@ -141,47 +134,15 @@ def _task_name(labels: Sequence[str]) -> str:
     )
 
 
-_SPLIT_SEED_OFFSET = {"training": 0, "validation": 1, "testing": 2}
+def _examples(root, labels: Sequence[str], split: str, spec: FeatureSpec, options: dict) -> list:
+    """(example, class index) pairs of one split of ``root``, labelled in the checkpoint's order.
 
-
-def _split_settings(config: dict) -> dict:
-    """How the checkpoint's training run split and composed its data (its `TrainConfig`).
-
-    Reusing them means "training split" here is the training run's training split: the int8
-    calibration never sees a test clip, and the scorecard's test clips are the ones the
-    training run reported on.
+    ``options`` are the training run's own (`kws_train.trainer.split_options`): "training
+    split" here is the run's training split, so int8 calibration never sees a test clip and the
+    scorecard's test clips are the ones the run reported on.
     """
-    def number(key, default):
-        value = config.get(key, default)
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
-
-    speaker = config.get("split") == "speaker"
-    return {
-        "salt": str(config.get("split_salt", "")) if speaker else None,
-        "validation": float(number("validation_fraction", 0.1)),
-        "testing": float(number("testing_fraction", 0.1)),
-        "silence_percentage": float(number("silence_percentage", 10.0)),
-        "unknown_percentage": float(number("unknown_percentage", 10.0)),
-        "seed": int(number("seed", 0)),
-    }
-
-
-def _examples(root, labels: Sequence[str], split: str, spec: FeatureSpec, settings: dict) -> list:
-    """(example, class index) pairs of one split of ``root``, labelled in the checkpoint's order."""
     try:
-        clips = index_dataset(root)
-        if settings["salt"] is not None:
-            clips = split_by_speaker(clips, settings["validation"], settings["testing"], settings["salt"])
-        task = build_task(
-            clips,
-            _task_name(labels),
-            split,
-            root=root,
-            silence_percentage=settings["silence_percentage"],
-            unknown_percentage=settings["unknown_percentage"],
-            seed=settings["seed"] + _SPLIT_SEED_OFFSET[split],
-            spec=spec,
-        )
+        task = task_split(root, _task_name(labels), split, spec=spec, **options)
     except DatasetError as error:
         raise ExportError(str(error)) from None
     index = {label: i for i, label in enumerate(labels)}
@@ -403,360 +364,319 @@ def export_bundle(
     if threads is not None and threads < 1:
         raise ExportError(f"threads must be >= 1, got {threads}")
     with scorecard.torch_threads(threads) if threads else contextlib.nullcontext():
-        return _export_bundle(
-            checkpoint_path,
-            out_dir,
-            calib_root,
-            test_root,
-            formats,
-            calib_clips=calib_clips,
-            selection_clips=selection_clips,
-            test_clips=test_clips,
-            onnx_quant=onnx_quant,
-            torch_quant=torch_quant,
-            select_quantization=select_quantization,
-            try_all=try_all,
-            latency_runs=latency_runs,
-            name=name,
-            force=force,
-            seed=seed,
-            log=log,
-        )
+        log = log or (lambda line: None)
+        unknown = [f for f in formats if f not in ARTIFACT_FILES]
+        if unknown:
+            raise ExportError(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+        if not formats:
+            raise ExportError("no formats requested")
+        formats = [f for f in FORMATS if f in formats]
+        try:
+            ckpt = load_checkpoint(checkpoint_path)
+        except ValueError as error:
+            raise ExportError(str(error)) from None
+        out_dir = Path(out_dir)
+        _check_out_dir(out_dir, force)
+        spec, labels, model = ckpt.spec, list(ckpt.labels), ckpt.model.cpu().eval()
+        input_shape = ["batch", 1, spec.n_mels, spec.n_frames]
+        warnings_: list = []
 
+        def warn(message: str) -> None:
+            warnings_.append(message)
+            log(f"warning: {message}")
 
-def _export_bundle(
-    checkpoint_path,
-    out_dir,
-    calib_root=None,
-    test_root=None,
-    formats: Sequence[str] = FORMATS,
-    *,
-    calib_clips: int = MIN_CALIBRATION_CLIPS,
-    selection_clips: int = 400,
-    test_clips: Optional[int] = None,
-    onnx_quant: OnnxQuantConfig = OnnxQuantConfig(),
-    torch_quant: TorchQuantConfig = TorchQuantConfig(),
-    select_quantization: bool = True,
-    try_all: bool = False,
-    latency_runs: int = 50,
-    name: Optional[str] = None,
-    force: bool = False,
-    seed: int = 0,
-    log: Optional[Callable[[str], None]] = None,
-) -> ExportReport:
-    log = log or (lambda line: None)
-    unknown = [f for f in formats if f not in ARTIFACT_FILES]
-    if unknown:
-        raise ExportError(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
-    if not formats:
-        raise ExportError("no formats requested")
-    formats = [f for f in FORMATS if f in formats]
-    try:
-        ckpt = load_checkpoint(checkpoint_path)
-    except ValueError as error:
-        raise ExportError(str(error)) from None
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, force)
-    spec, labels, model = ckpt.spec, list(ckpt.labels), ckpt.model.cpu().eval()
-    input_shape = ["batch", 1, spec.n_mels, spec.n_frames]
-    warnings_: list = []
+        # ---- data: calibration (training split), selection (validation split), test (testing split)
+        settings = split_options(ckpt.config)
+        if settings["salt"] is not None and (calib_root is not None or test_root is not None):
+            log(f"splits: by speaker with the checkpoint's salt {settings['salt']!r}")
+        calib_reader = select_set = None
+        calib_counts: list = []
+        if calib_root is not None:
+            train = _examples(calib_root, labels, "training", spec, settings)
+            chosen = _balanced(train, calib_clips, seed)
+            if not chosen:
+                raise ExportError(f"{calib_root}: its training split has no clips for the task; pass another --calib folder")
+            if len(chosen) < calib_clips:
+                warn(f"only {len(chosen)} calibration clips in {calib_root}'s training split (asked for {calib_clips})")
+            if len(chosen) < MIN_CALIBRATION_CLIPS:
+                warn(f"int8 calibrated on {len(chosen)} clips, fewer than the recommended {MIN_CALIBRATION_CLIPS}")
+            calib_reader = LogMelReader([p for p in chosen], spec, _load_pair, onnx_export.INPUT_NAME, batch_size=32)
+            calib_counts = np.bincount([p[1] for p in chosen], minlength=len(labels)).tolist()
+            log(f"calibration: {len(chosen)} clips from {calib_root} (training split), per class {calib_counts}")
+            valid = _balanced(_examples(calib_root, labels, "validation", spec, settings), selection_clips, seed)
+            if valid:
+                select_set = scorecard.EvalSet(valid, [p[1] for p in valid], spec, _load_pair)
+                log(f"int8 setting selection: {len(valid)} clips from the validation split")
+        test_set = None
+        if test_root is not None:
+            tests = _examples(test_root, labels, "testing", spec, settings)
+            tests = _balanced(tests, test_clips, seed) if test_clips else tests
+            if not tests:
+                raise ExportError(f"{test_root}: its testing split has no clips for the task; pass another --test folder")
+            test_set = scorecard.EvalSet(tests, [p[1] for p in tests], spec, _load_pair)
+            log(f"test: {len(tests)} clips from {test_root} (testing split)")
+        if test_set is not None:
+            verify_set = test_set
+        elif select_set is not None:
+            verify_set = select_set
+            warn("no test data: artifacts verified on validation clips; the scorecard has no accuracy")
+        else:
+            synthetic = _synthetic_clips(spec, 32, seed)
+            verify_set = scorecard.EvalSet(list(synthetic), [0] * len(synthetic), spec, _identity_clip)
+            warn("no test data: artifacts verified on synthetic clips; the scorecard has no accuracy")
+        if select_set is None and calib_reader is not None:
+            # no validation split: choose on the calibration clips themselves
+            select_set = scorecard.EvalSet(calib_reader.clips, [p[1] for p in calib_reader.clips], spec, _load_pair)
 
-    def warn(message: str) -> None:
-        warnings_.append(message)
-        log(f"warning: {message}")
+        try:  # read every clip now: a broken file is an input error, not an artifact failure
+            x_verify = verify_set.features()
+            if select_set is not None:
+                select_set.features()
+            if calib_reader is not None:
+                calib_reader.features()
+        except (AudioError, DatasetError) as error:
+            raise ExportError(f"{error}; remove or replace the file") from None
+        _prepare_out_dir(out_dir, force)
+        fp32_logits = _eager_logits(model, x_verify)
+        fp32_top1 = np.argmax(fp32_logits, axis=1)
+        select_fp32 = _eager_logits(model, select_set.features()) if select_set is not None else None
 
-    # ---- data: calibration (training split), selection (validation split), test (testing split)
-    settings = _split_settings(ckpt.config)
-    if settings["salt"] is not None and (calib_root is not None or test_root is not None):
-        log(f"splits: by speaker with the checkpoint's salt {settings['salt']!r}")
-    calib_reader = select_set = None
-    calib_counts: list = []
-    if calib_root is not None:
-        train = _examples(calib_root, labels, "training", spec, settings)
-        chosen = _balanced(train, calib_clips, seed)
-        if not chosen:
-            raise ExportError(f"{calib_root}: its training split has no clips for the task; pass another --calib folder")
-        if len(chosen) < calib_clips:
-            warn(f"only {len(chosen)} calibration clips in {calib_root}'s training split (asked for {calib_clips})")
-        if len(chosen) < MIN_CALIBRATION_CLIPS:
-            warn(f"int8 calibrated on {len(chosen)} clips, fewer than the recommended {MIN_CALIBRATION_CLIPS}")
-        calib_reader = LogMelReader([p for p in chosen], spec, _load_pair, onnx_export.INPUT_NAME, batch_size=32)
-        calib_counts = np.bincount([p[1] for p in chosen], minlength=len(labels)).tolist()
-        log(f"calibration: {len(chosen)} clips from {calib_root} (training split), per class {calib_counts}")
-        valid = _balanced(_examples(calib_root, labels, "validation", spec, settings), selection_clips, seed)
-        if valid:
-            select_set = scorecard.EvalSet(valid, [p[1] for p in valid], spec, _load_pair)
-            log(f"int8 setting selection: {len(valid)} clips from the validation split")
-    test_set = None
-    if test_root is not None:
-        tests = _examples(test_root, labels, "testing", spec, settings)
-        tests = _balanced(tests, test_clips, seed) if test_clips else tests
-        if not tests:
-            raise ExportError(f"{test_root}: its testing split has no clips for the task; pass another --test folder")
-        test_set = scorecard.EvalSet(tests, [p[1] for p in tests], spec, _load_pair)
-        log(f"test: {len(tests)} clips from {test_root} (testing split)")
-    if test_set is not None:
-        verify_set = test_set
-    elif select_set is not None:
-        verify_set = select_set
-        warn("no test data: artifacts verified on validation clips; the scorecard has no accuracy")
-    else:
-        synthetic = _synthetic_clips(spec, 32, seed)
-        verify_set = scorecard.EvalSet(list(synthetic), [0] * len(synthetic), spec, _identity_clip)
-        warn("no test data: artifacts verified on synthetic clips; the scorecard has no accuracy")
-    if select_set is None and calib_reader is not None:
-        # no validation split: choose on the calibration clips themselves
-        select_set = scorecard.EvalSet(calib_reader.clips, [p[1] for p in calib_reader.clips], spec, _load_pair)
+        results: dict = {}
+        entries: dict = {}
+        state: dict = {}  # intermediate objects shared between artifacts (traced module, quantized model)
 
-    try:  # read every clip now: a broken file is an input error, not an artifact failure
-        x_verify = verify_set.features()
-        if select_set is not None:
-            select_set.features()
-        if calib_reader is not None:
-            calib_reader.features()
-    except (AudioError, DatasetError) as error:
-        raise ExportError(f"{error}; remove or replace the file") from None
-    _prepare_out_dir(out_dir, force)
-    fp32_logits = _eager_logits(model, x_verify)
-    fp32_top1 = np.argmax(fp32_logits, axis=1)
-    select_fp32 = _eager_logits(model, select_set.features()) if select_set is not None else None
+        def io(kind_in, shape_in, kind_out, name_in=onnx_export.INPUT_NAME, name_out=onnx_export.OUTPUT_NAME):
+            return {
+                "input": {"name": name_in, "kind": kind_in, "shape": shape_in},
+                "output": {"name": name_out, "kind": kind_out, "shape": ["batch", len(labels)]},
+            }
 
-    results: dict = {}
-    entries: dict = {}
-    state: dict = {}  # intermediate objects shared between artifacts (traced module, quantized model)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
 
-    def io(kind_in, shape_in, kind_out, name_in=onnx_export.INPUT_NAME, name_out=onnx_export.OUTPUT_NAME):
-        return {
-            "input": {"name": name_in, "kind": kind_in, "shape": shape_in},
-            "output": {"name": name_out, "kind": kind_out, "shape": ["batch", len(labels)]},
-        }
+        # ---- the artifacts, each a function that writes its file and returns (entry fields, runner)
+        def torchscript_fp32(path):
+            example = torch.from_numpy(x_verify[:2])
+            traced = torchscript.trace(model, example)
+            torchscript.save_torchscript(traced, path)
+            state["traced"] = traced
+            runner = scorecard.torchscript_runner(path)
+            check = _compare_float("torchscript_fp32", _batched(runner, x_verify), fp32_logits, FLOAT_ATOL)
+            return {"format": "torchscript", "precision": "fp32", **io("log_mel", input_shape, "logits"), "verification": check}, runner
 
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+        def torchscript_lite(path):
+            traced = state.get("traced") or torchscript.trace(model, torch.from_numpy(x_verify[:2]))
+            notes = torchscript.save_lite(traced, path)
+            if not notes["optimized_for_mobile"]:
+                warn(f"{path.name}: {notes['reason']}")
+            runner = scorecard.torchscript_runner(path, lite=True)
+            check = _compare_float("torchscript_lite", _batched(runner, x_verify), fp32_logits, FLOAT_ATOL)
+            return {"format": "torchscript-lite", "precision": "fp32", **io("log_mel", input_shape, "logits"), "notes": notes, "verification": check}, runner
 
-    # ---- the artifacts, each a function that writes its file and returns (entry fields, runner)
-    def torchscript_fp32(path):
-        example = torch.from_numpy(x_verify[:2])
-        traced = torchscript.trace(model, example)
-        torchscript.save_torchscript(traced, path)
-        state["traced"] = traced
-        runner = scorecard.torchscript_runner(path)
-        check = _compare_float("torchscript_fp32", _batched(runner, x_verify), fp32_logits, FLOAT_ATOL)
-        return {"format": "torchscript", "precision": "fp32", **io("log_mel", input_shape, "logits"), "verification": check}, runner
+        def quantized_torch():
+            if "quantized" not in state:
+                if calib_reader is None:
+                    raise ExportError("int8 needs calibration data: pass calib_root (kws-export --calib DATA)")
 
-    def torchscript_lite(path):
-        traced = state.get("traced") or torchscript.trace(model, torch.from_numpy(x_verify[:2]))
-        notes = torchscript.save_lite(traced, path)
-        if not notes["optimized_for_mobile"]:
-            warn(f"{path.name}: {notes['reason']}")
-        runner = scorecard.torchscript_runner(path, lite=True)
-        check = _compare_float("torchscript_lite", _batched(runner, x_verify), fp32_logits, FLOAT_ATOL)
-        return {"format": "torchscript-lite", "precision": "fp32", **io("log_mel", input_shape, "logits"), "notes": notes, "verification": check}, runner
+                def build(config):
+                    batches = (torch.from_numpy(b[onnx_export.INPUT_NAME]) for b in _dicts(calib_reader))
+                    return torchscript.quantize_qnnpack(model, batches, config)
 
-    def quantized_torch():
-        if "quantized" not in state:
+                def outputs(q):
+                    with torchscript.quantized_engine(QUANTIZED_ENGINE), torch.no_grad():
+                        return _batched(lambda x: q(torch.from_numpy(x)).numpy(), select_set.features())
+
+                candidates = _candidates(torch_quant) if select_quantization else [torch_quant]
+                q, config, tried = _select("torchscript_int8", candidates, build, outputs, select_fp32, log, try_all)
+                with torchscript.quantized_engine(QUANTIZED_ENGINE):
+                    traced = torchscript.trace(q, torch.from_numpy(x_verify[:2]))
+                    with torch.no_grad():
+                        eager = _batched(lambda x: q(torch.from_numpy(x)).numpy(), x_verify)
+                state["quantized"] = (traced, eager, config, tried)
+            return state["quantized"]
+
+        def int8_notes(config, tried):
+            return {
+                "quantization": config.to_dict(),
+                "selected": config.name,
+                "candidates": tried,
+                "calibration_clips": len(calib_reader.clips),
+                "calibration_per_class": dict(zip(labels, calib_counts)),
+                "calibration_split": "training",
+            }
+
+        def torchscript_int8(path):
+            traced, eager, config, tried = quantized_torch()
+            torchscript.save_torchscript(traced, path)
+            runner = scorecard.torchscript_runner(path, engine=QUANTIZED_ENGINE)
+            got = _batched(runner, x_verify)
+            check = _compare_float("torchscript_int8 (against the eager quantized model)", got, eager, FLOAT_ATOL)
+            check.update(_check_int8("torchscript_int8", got, fp32_logits))
+            notes = {"engine": QUANTIZED_ENGINE, **int8_notes(config, tried), "load": "set torch.backends.quantized.engine = 'qnnpack' before loading"}
+            return {"format": "torchscript", "precision": "int8", **io("log_mel", input_shape, "logits"), "notes": notes, "verification": check}, runner
+
+        def torchscript_int8_lite(path):
+            traced, eager, config, tried = quantized_torch()
+            lite_notes = torchscript.save_lite(traced, path)
+            runner = scorecard.torchscript_runner(path, lite=True, engine=QUANTIZED_ENGINE)
+            got = _batched(runner, x_verify)
+            check = _compare_float("torchscript_int8_lite (against the eager quantized model)", got, eager, FLOAT_ATOL)
+            check.update(_check_int8("torchscript_int8_lite", got, fp32_logits))
+            notes = {"engine": QUANTIZED_ENGINE, **int8_notes(config, tried), **lite_notes}
+            return {"format": "torchscript-lite", "precision": "int8", **io("log_mel", input_shape, "logits"), "notes": notes, "verification": check}, runner
+
+        def fp32_onnx_file():
+            path = out_dir / ARTIFACT_FILES["onnx_fp32"]
+            if "onnx_fp32" in entries:
+                return path
+            if "onnx_fp32_tmp" not in state:
+                state["onnx_fp32_tmp"] = onnx_export.export_onnx(model, tmp_dir / "model.onnx", [1, 1, spec.n_mels, spec.n_frames])
+            return state["onnx_fp32_tmp"]
+
+        def onnx_fp32(path):
+            onnx_export.export_onnx(model, path, [1, 1, spec.n_mels, spec.n_frames])
+            onnx_export.check_onnx(path)
+            runner = scorecard.onnx_runner(path)
+            check = _compare_float("onnx_fp32", _batched(runner, x_verify), fp32_logits, FLOAT_ATOL)
+            notes = {"opset": onnx_export.OPSET, "exporter": "torch.onnx (TorchScript-based)"}
+            return {"format": "onnx", "precision": "fp32", **io("log_mel", input_shape, "logits"), "notes": notes, "verification": check}, runner
+
+        def onnx_int8(path):
             if calib_reader is None:
                 raise ExportError("int8 needs calibration data: pass calib_root (kws-export --calib DATA)")
+            source = fp32_onnx_file()
 
             def build(config):
-                batches = (torch.from_numpy(b[onnx_export.INPUT_NAME]) for b in _dicts(calib_reader))
-                return torchscript.quantize_qnnpack(model, batches, config)
+                state["candidates"] = state.get("candidates", 0) + 1
+                return quantize.quantize_onnx(source, tmp_dir / f"int8-{state['candidates']}.onnx", calib_reader, config)
 
-            def outputs(q):
-                with torchscript.quantized_engine(QUANTIZED_ENGINE), torch.no_grad():
-                    return _batched(lambda x: q(torch.from_numpy(x)).numpy(), select_set.features())
+            def outputs(candidate):
+                return _batched(scorecard.onnx_runner(candidate), select_set.features())
 
-            candidates = _candidates(torch_quant) if select_quantization else [torch_quant]
-            q, config, tried = _select("torchscript_int8", candidates, build, outputs, select_fp32, log, try_all)
-            with torchscript.quantized_engine(QUANTIZED_ENGINE):
-                traced = torchscript.trace(q, torch.from_numpy(x_verify[:2]))
-                with torch.no_grad():
-                    eager = _batched(lambda x: q(torch.from_numpy(x)).numpy(), x_verify)
-            state["quantized"] = (traced, eager, config, tried)
-        return state["quantized"]
+            candidates = _candidates(onnx_quant) if select_quantization else [onnx_quant]
+            chosen, config, tried = _select("onnx_int8", candidates, build, outputs, select_fp32, log, try_all)
+            os.replace(chosen, path)
+            onnx_export.check_onnx(path)
+            runner = scorecard.onnx_runner(path)
+            check = _check_int8("onnx_int8", _batched(runner, x_verify), fp32_logits)
+            notes = {**int8_notes(config, tried), "tool": "onnxruntime.quantization quant_pre_process + quantize_static"}
+            return {"format": "onnx", "precision": "int8", **io("log_mel", input_shape, "logits"), "notes": notes, "verification": check}, runner
 
-    def int8_notes(config, tried):
-        return {
-            "quantization": config.to_dict(),
-            "selected": config.name,
-            "candidates": tried,
-            "calibration_clips": len(calib_reader.clips),
-            "calibration_per_class": dict(zip(labels, calib_counts)),
-            "calibration_split": "training",
+        def onnx_e2e(path):
+            e2e.export_e2e(model, spec, path)
+            onnx_export.check_onnx(path)
+            runner = scorecard.onnx_runner(path, input_kind="waveform", output_kind="probabilities")
+            got = np.concatenate([runner(w) for w in verify_set.waveform_batches()])
+            check = _compare_float("onnx_e2e (against kws_runtime.log_mel + the eager model)", got, _softmax(fp32_logits), E2E_ATOL)
+            notes = {
+                "opset": onnx_export.OPSET,
+                "exporter": "torch.onnx (torch.export-based)",
+                "features": "log-mel inside the graph (kws_train.frontend.LogMel: kws_runtime window and mel filterbank)",
+                "input": f"float32 waveform in [-1, 1] at {spec.sample_rate} Hz, padded or cut to {spec.clip_samples} samples",
+            }
+            entry = {
+                "format": "onnx",
+                "precision": "fp32",
+                **io("waveform", ["batch", spec.clip_samples], "probabilities", e2e.E2E_INPUT_NAME, e2e.E2E_OUTPUT_NAME),
+                "notes": notes,
+                "verification": check,
+            }
+            return entry, runner
+
+        makers = {
+            "torchscript_fp32": torchscript_fp32,
+            "torchscript_lite": torchscript_lite,
+            "torchscript_int8": torchscript_int8,
+            "torchscript_int8_lite": torchscript_int8_lite,
+            "onnx_fp32": onnx_fp32,
+            "onnx_int8": onnx_int8,
+            "onnx_e2e": onnx_e2e,
         }
-
-    def torchscript_int8(path):
-        traced, eager, config, tried = quantized_torch()
-        torchscript.save_torchscript(traced, path)
-        runner = scorecard.torchscript_runner(path, engine=QUANTIZED_ENGINE)
-        got = _batched(runner, x_verify)
-        check = _compare_float("torchscript_int8 (against the eager quantized model)", got, eager, FLOAT_ATOL)
-        check.update(_check_int8("torchscript_int8", got, fp32_logits))
-        notes = {"engine": QUANTIZED_ENGINE, **int8_notes(config, tried), "load": "set torch.backends.quantized.engine = 'qnnpack' before loading"}
-        return {"format": "torchscript", "precision": "int8", **io("log_mel", input_shape, "logits"), "notes": notes, "verification": check}, runner
-
-    def torchscript_int8_lite(path):
-        traced, eager, config, tried = quantized_torch()
-        lite_notes = torchscript.save_lite(traced, path)
-        runner = scorecard.torchscript_runner(path, lite=True, engine=QUANTIZED_ENGINE)
-        got = _batched(runner, x_verify)
-        check = _compare_float("torchscript_int8_lite (against the eager quantized model)", got, eager, FLOAT_ATOL)
-        check.update(_check_int8("torchscript_int8_lite", got, fp32_logits))
-        notes = {"engine": QUANTIZED_ENGINE, **int8_notes(config, tried), **lite_notes}
-        return {"format": "torchscript-lite", "precision": "int8", **io("log_mel", input_shape, "logits"), "notes": notes, "verification": check}, runner
-
-    def fp32_onnx_file():
-        path = out_dir / ARTIFACT_FILES["onnx_fp32"]
-        if "onnx_fp32" in entries:
-            return path
-        if "onnx_fp32_tmp" not in state:
-            state["onnx_fp32_tmp"] = onnx_export.export_onnx(model, tmp_dir / "model.onnx", [1, 1, spec.n_mels, spec.n_frames])
-        return state["onnx_fp32_tmp"]
-
-    def onnx_fp32(path):
-        onnx_export.export_onnx(model, path, [1, 1, spec.n_mels, spec.n_frames])
-        onnx_export.check_onnx(path)
-        runner = scorecard.onnx_runner(path)
-        check = _compare_float("onnx_fp32", _batched(runner, x_verify), fp32_logits, FLOAT_ATOL)
-        notes = {"opset": onnx_export.OPSET, "exporter": "torch.onnx (TorchScript-based)"}
-        return {"format": "onnx", "precision": "fp32", **io("log_mel", input_shape, "logits"), "notes": notes, "verification": check}, runner
-
-    def onnx_int8(path):
-        if calib_reader is None:
-            raise ExportError("int8 needs calibration data: pass calib_root (kws-export --calib DATA)")
-        source = fp32_onnx_file()
-
-        def build(config):
-            state["candidates"] = state.get("candidates", 0) + 1
-            return quantize.quantize_onnx(source, tmp_dir / f"int8-{state['candidates']}.onnx", calib_reader, config)
-
-        def outputs(candidate):
-            return _batched(scorecard.onnx_runner(candidate), select_set.features())
-
-        candidates = _candidates(onnx_quant) if select_quantization else [onnx_quant]
-        chosen, config, tried = _select("onnx_int8", candidates, build, outputs, select_fp32, log, try_all)
-        os.replace(chosen, path)
-        onnx_export.check_onnx(path)
-        runner = scorecard.onnx_runner(path)
-        check = _check_int8("onnx_int8", _batched(runner, x_verify), fp32_logits)
-        notes = {**int8_notes(config, tried), "tool": "onnxruntime.quantization quant_pre_process + quantize_static"}
-        return {"format": "onnx", "precision": "int8", **io("log_mel", input_shape, "logits"), "notes": notes, "verification": check}, runner
-
-    def onnx_e2e(path):
-        e2e.export_e2e(model, spec, path)
-        onnx_export.check_onnx(path)
-        runner = scorecard.onnx_runner(path, input_kind="waveform", output_kind="probabilities")
-        got = np.concatenate([runner(w) for w in verify_set.waveform_batches()])
-        check = _compare_float("onnx_e2e (against kws_runtime.log_mel + the eager model)", got, _softmax(fp32_logits), E2E_ATOL)
-        notes = {
-            "opset": onnx_export.OPSET,
-            "exporter": "torch.onnx (torch.export-based)",
-            "features": "log-mel inside the graph (kws_train.frontend.LogMel: kws_runtime window and mel filterbank)",
-            "input": f"float32 waveform in [-1, 1] at {spec.sample_rate} Hz, padded or cut to {spec.clip_samples} samples",
-        }
-        entry = {
-            "format": "onnx",
-            "precision": "fp32",
-            **io("waveform", ["batch", spec.clip_samples], "probabilities", e2e.E2E_INPUT_NAME, e2e.E2E_OUTPUT_NAME),
-            "notes": notes,
-            "verification": check,
-        }
-        return entry, runner
-
-    makers = {
-        "torchscript_fp32": torchscript_fp32,
-        "torchscript_lite": torchscript_lite,
-        "torchscript_int8": torchscript_int8,
-        "torchscript_int8_lite": torchscript_int8_lite,
-        "onnx_fp32": onnx_fp32,
-        "onnx_int8": onnx_int8,
-        "onnx_e2e": onnx_e2e,
-    }
-    rows = []
-    runners: dict = {}
-    try:
-        for fmt in formats:
-            file = ARTIFACT_FILES[fmt]
-            path = out_dir / file
-            log(f"{fmt}: writing {file}")
-            try:
-                fields, runner = makers[fmt](path)
-            except Exception as exc:
-                if path.exists():
-                    path.unlink()
-                message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ExportError, VerificationError)) else str(exc)
-                log(f"{fmt}: FAILED: {message}")
-                if os.environ.get("KWS_EXPORT_TRACEBACK"):
-                    log(traceback.format_exc())
-                results[fmt] = ArtifactResult(fmt, file, False, message)
-                continue
-            verification = fields.pop("verification")
-            metrics = {"verification": verification}
-            if test_set is not None:
-                log(f"{fmt}: scoring on {len(test_set)} test clips")
-                metrics.update(scorecard.evaluate(runner, test_set, fp32_top1))
-            entry = {"file": file, **fields, "sha256": file_sha256(path), "size": path.stat().st_size, "metrics": metrics}
-            entry.setdefault("notes", {})
-            entries[fmt] = entry
-            runners[fmt] = runner
-            results[fmt] = ArtifactResult(fmt, file, True, entry=entry)
-        if latency_runs and runners:
-            log(f"latency: {latency_runs} runs per artifact, batch 1, one thread, artifacts taking turns")
-            for fmt, ms in scorecard.median_latencies_ms(runners, test_set if test_set is not None else verify_set, runs=latency_runs).items():
-                entries[fmt]["metrics"]["latency_ms"] = ms
-        for fmt, entry in entries.items():
-            metrics = entry["metrics"]
-            rows.append(
-                scorecard.ScoreRow(
-                    fmt,
-                    entry["file"],
-                    entry["format"],
-                    entry["precision"],
-                    entry["size"],
-                    metrics.get("accuracy"),
-                    metrics.get("agreement_fp32"),
-                    metrics.get("latency_ms"),
-                    metrics.get("test_clips", 0),
+        rows = []
+        runners: dict = {}
+        try:
+            for fmt in formats:
+                file = ARTIFACT_FILES[fmt]
+                path = out_dir / file
+                log(f"{fmt}: writing {file}")
+                try:
+                    fields, runner = makers[fmt](path)
+                except Exception as exc:
+                    if path.exists():
+                        path.unlink()
+                    message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ExportError, VerificationError)) else str(exc)
+                    log(f"{fmt}: FAILED: {message}")
+                    if os.environ.get("KWS_EXPORT_TRACEBACK"):
+                        log(traceback.format_exc())
+                    results[fmt] = ArtifactResult(fmt, file, False, message)
+                    continue
+                verification = fields.pop("verification")
+                metrics = {"verification": verification}
+                if test_set is not None:
+                    log(f"{fmt}: scoring on {len(test_set)} test clips")
+                    metrics.update(scorecard.evaluate(runner, test_set, fp32_top1))
+                entry = {"file": file, **fields, "sha256": file_sha256(path), "size": path.stat().st_size, "metrics": metrics}
+                entry.setdefault("notes", {})
+                entries[fmt] = entry
+                runners[fmt] = runner
+                results[fmt] = ArtifactResult(fmt, file, True, entry=entry)
+            if latency_runs and runners:
+                log(f"latency: {latency_runs} runs per artifact, batch 1, one thread, artifacts taking turns")
+                for fmt, ms in scorecard.median_latencies_ms(runners, test_set if test_set is not None else verify_set, runs=latency_runs).items():
+                    entries[fmt]["metrics"]["latency_ms"] = ms
+            for fmt, entry in entries.items():
+                metrics = entry["metrics"]
+                rows.append(
+                    scorecard.ScoreRow(
+                        fmt,
+                        entry["file"],
+                        entry["format"],
+                        entry["precision"],
+                        entry["size"],
+                        metrics.get("accuracy"),
+                        metrics.get("agreement_fp32"),
+                        metrics.get("latency_ms"),
+                        metrics.get("test_clips", 0),
+                    )
                 )
-            )
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
-    for name_, result in results.items():
-        if not result.ok:
-            warn(f"{name_} was not written: {result.error}")
-    _check_targets(rows, warn)
+        for name_, result in results.items():
+            if not result.ok:
+                warn(f"{name_} was not written: {result.error}")
+        _check_targets(rows, warn)
 
-    model_name = name or _default_name(Path(checkpoint_path))
-    manifest = {
-        "format": "kws-bundle",
-        "format_version": 1,
-        "model": {"name": model_name, "architecture": ckpt.architecture, "variant": ckpt.variant},
-        "labels": labels,
-        "feature_spec": spec.to_dict(),
-        "artifacts": entries,
-        "scorecard": [r.to_dict() for r in rows],
-        "export": {
-            "checkpoint": Path(checkpoint_path).name,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "onnxruntime": _version("onnxruntime"),
-            "machine": platform.machine(),
-            "test_data": None if test_set is None else {"clips": len(test_set), "split": "testing"},
-            "latency": "median per clip, batch 1, one thread (onnxruntime intra_op_num_threads=1, torch.set_num_threads(1))",
-            "failed": {k: r.error for k, r in results.items() if not r.ok},
-            "warnings": warnings_,
-        },
-    }
-    manifest_path = None
-    if entries:
-        scorecard.write_scorecard(rows, out_dir, f"{model_name} ({ckpt.architecture}, {ckpt.variant})", [f"Warning: {w}" for w in warnings_])
-        write_manifest(out_dir, manifest)
-        manifest_path = out_dir / "manifest.json"
-        load_bundle(out_dir)  # the runtime must accept what was written
-        log(f"wrote {manifest_path}")
-    else:
-        warn("no artifact could be written: no manifest")
-    return ExportReport(out_dir, manifest_path, results, warnings_, [r.to_dict() for r in rows])
+        model_name = name or _default_name(Path(checkpoint_path))
+        manifest = {
+            "format": "kws-bundle",
+            "format_version": 1,
+            "model": {"name": model_name, "architecture": ckpt.architecture, "variant": ckpt.variant},
+            "labels": labels,
+            "feature_spec": spec.to_dict(),
+            "artifacts": entries,
+            "scorecard": [r.to_dict() for r in rows],
+            "export": {
+                "checkpoint": Path(checkpoint_path).name,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "torch": torch.__version__,
+                "onnxruntime": _version("onnxruntime"),
+                "machine": platform.machine(),
+                "test_data": None if test_set is None else {"clips": len(test_set), "split": "testing"},
+                "latency": "median per clip, batch 1, one thread (onnxruntime intra_op_num_threads=1, torch.set_num_threads(1))",
+                "failed": {k: r.error for k, r in results.items() if not r.ok},
+                "warnings": warnings_,
+            },
+        }
+        manifest_path = None
+        if entries:
+            scorecard.write_scorecard(rows, out_dir, f"{model_name} ({ckpt.architecture}, {ckpt.variant})", [f"Warning: {w}" for w in warnings_])
+            write_manifest(out_dir, manifest)
+            manifest_path = out_dir / "manifest.json"
+            load_bundle(out_dir)  # the runtime must accept what was written
+            log(f"wrote {manifest_path}")
+        else:
+            warn("no artifact could be written: no manifest")
+        return ExportReport(out_dir, manifest_path, results, warnings_, [r.to_dict() for r in rows])
 
 
 def _dicts(reader):

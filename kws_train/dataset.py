@@ -28,6 +28,9 @@ UNKNOWN = "_unknown_"
 BACKGROUND_NOISE = "_background_noise_"
 NOHASH = "_nohash_"
 SPLITS = ("training", "validation", "testing")
+# Each split draws its unknown and silence examples with the run's seed plus its offset, so
+# the three splits draw differently and each split draws the same way every time.
+SPLIT_SEED_OFFSET = {"training": 0, "validation": 1, "testing": 2}
 COMMANDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 LABELS_12 = [SILENCE, UNKNOWN, *COMMANDS]
 # v0.01 words, then the five v0.02 added.
@@ -290,6 +293,48 @@ def build_task(
     return TaskSplit(list(LABELS_12), targets + unknown + silence)
 
 
+def task_split(
+    root,
+    task: str = "12",
+    split: str = "training",
+    *,
+    salt=None,
+    validation_fraction: float = 0.1,
+    testing_fraction: float = 0.1,
+    silence_percentage: float = 10.0,
+    unknown_percentage: float = 10.0,
+    seed: int = 0,
+    spec: FeatureSpec = FeatureSpec(),
+    extra_training: Sequence = (),
+) -> TaskSplit:
+    """One split of a dataset's task, composed as a training run composes it.
+
+    This is the one place that says how a run turns a folder into its three splits, so that
+    training, evaluation of a checkpoint and int8 calibration all see the same clips.
+
+    Args:
+        root: a Speech Commands folder.
+        task, split: as `build_task`.
+        salt: re-split by speaker with this salt and the two fractions (`split_by_speaker`);
+            None keeps the dataset's own split.
+        silence_percentage, unknown_percentage: as `build_task`.
+        seed: the run's seed; the split draws with ``seed + SPLIT_SEED_OFFSET[split]``.
+        spec: as `build_task`.
+        extra_training: more dataset folders whose every clip joins the training split only
+            (synthetic speech).
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    clips = index_dataset(root)
+    if salt is not None:
+        clips = split_by_speaker(clips, validation_fraction, testing_fraction, salt)
+    if split == "training":
+        for extra in extra_training:
+            clips = clips + [dataclasses.replace(c, split="training") for c in index_dataset(extra)]
+    return build_task(clips, task, split, root=root, silence_percentage=silence_percentage,
+                      unknown_percentage=unknown_percentage, seed=seed + SPLIT_SEED_OFFSET[split], spec=spec)
+
+
 def _example(clip: Clip, label: str) -> Example:
     return Example(clip.path, label, clip.speaker)
 
@@ -456,8 +501,8 @@ def _audio_files(root: Path):
 
 
 __all__ = [
-    "BACKGROUND_NOISE", "COMMANDS", "LABELS_12", "LABELS_35", "SILENCE", "SPLITS", "TASKS", "UNKNOWN",
+    "BACKGROUND_NOISE", "COMMANDS", "LABELS_12", "LABELS_35", "SILENCE", "SPLITS", "SPLIT_SEED_OFFSET", "TASKS", "UNKNOWN",
     "AudioError", "Clip", "DatasetError", "Example", "TaskSplit",
     "background_noise", "build_task", "describe_dataset", "index_dataset", "load_example", "noise_files", "read_list",
-    "speaker_of", "split_by_speaker", "which_set",
+    "speaker_of", "split_by_speaker", "task_split", "which_set",
 ]  # fmt: skip

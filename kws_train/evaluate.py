@@ -20,7 +20,7 @@ from torch import nn
 from kws_runtime.spec import FeatureSpec
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .dataset import SPLITS, UNKNOWN, build_task, index_dataset, load_example, noise_files, split_by_speaker
+from .dataset import SPLIT_SEED_OFFSET, SPLITS, UNKNOWN, build_task, index_dataset, load_example, noise_files, split_by_speaker
 from .distributed import all_reduce_sum
 from .frontend import Frontend
 
@@ -33,13 +33,11 @@ __all__ = [
     "confusion_matrix",
     "format_report",
     "task_of_labels",
-    "SPLIT_SEED_OFFSET",
 ]
 
 
 # The trainer draws each split's silence windows and unknown clips with seed + offset; scoring
 # a checkpoint with the same offsets reproduces the run's own validation and test figures.
-SPLIT_SEED_OFFSET = {"training": 0, "validation": 1, "testing": 2}
 
 
 def confusion_matrix(targets, predictions, num_classes: int) -> np.ndarray:

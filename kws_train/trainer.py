@@ -43,15 +43,16 @@ from . import plots
 from .augment import AugmentConfig, build_frontend
 from .cache import BatchLoader, build_cache
 from .checkpoint import save_checkpoint
-from .dataset import TASKS, background_noise, build_task, index_dataset, split_by_speaker
+from .dataset import SPLITS, TASKS, background_noise, task_split
 from .distributed import (
     DistContext, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed,
 )
-from .evaluate import SPLIT_SEED_OFFSET, EvalResult, evaluate_model
+from .evaluate import EvalResult, evaluate_model
 from .models import VARIANTS, build_model, canonical_architecture
 
 __all__ = [
-    "AMP_MODES", "TrainConfig", "TrainError", "TrainResult", "default_weights_path", "resolve_autocast", "train", "train_epoch",
+    "AMP_MODES", "TrainConfig", "TrainError", "TrainResult", "default_weights_path", "resolve_autocast", "split_options", "train",
+    "train_epoch",
     "warmup_cosine",
 ]
 
@@ -310,25 +311,30 @@ def resolve_autocast(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _clips(config: TrainConfig):
-    """(train/val/test clips of the main root, extra training clips)."""
-    clips = index_dataset(config.data)
-    if config.split == "speaker":
-        clips = split_by_speaker(clips, config.validation_fraction, config.testing_fraction, config.split_salt)
-    extra = []
-    for root in config.extra_train:
-        extra += [dataclasses.replace(c, split="training") for c in index_dataset(root)]
-    return clips, extra
+def split_options(config: dict) -> dict:
+    """`kws_train.dataset.task_split` keywords that reproduce a run's splits.
+
+    Args:
+        config: a `TrainConfig` as a dict (``to_dict()``, what checkpoints store); missing or
+            malformed fields take the defaults, so checkpoints of older runs still resolve.
+    """
+    def number(key, default):
+        value = config.get(key, default)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+    return {
+        "salt": str(config.get("split_salt", "")) if config.get("split") == "speaker" else None,
+        "validation_fraction": float(number("validation_fraction", 0.1)),
+        "testing_fraction": float(number("testing_fraction", 0.1)),
+        "silence_percentage": float(number("silence_percentage", 10.0)),
+        "unknown_percentage": float(number("unknown_percentage", 10.0)),
+        "seed": int(number("seed", 0)),
+    }
 
 
 def _tasks(config: TrainConfig, spec: FeatureSpec):
-    clips, extra = _clips(config)
-    common = dict(root=config.data, silence_percentage=config.silence_percentage,
-                  unknown_percentage=config.unknown_percentage, spec=spec)
-    def task(split, split_clips):
-        return build_task(split_clips, config.task, split, seed=config.seed + SPLIT_SEED_OFFSET[split], **common)
-
-    train, val, test = task("training", clips + extra), task("validation", clips), task("testing", clips)
+    options = dict(split_options(config.to_dict()), spec=spec, extra_training=config.extra_train)
+    train, val, test = (task_split(config.data, config.task, split, **options) for split in SPLITS)
     how = "the dataset's split" if config.split == "dataset" else f"--split speaker (salt {config.split_salt!r})"
     if not train.examples:
         raise TrainError(f"{config.data}: no training clips of the {config.task}-class task under {how}")

@@ -192,6 +192,30 @@ def test_twelve_class_task_draws_unknown_and_silence(real_data, resplit):
     assert other.examples != task.examples
 
 
+def test_task_split_composes_a_run_split_by_split(real_data, tmp_path):
+    options = dict(salt="tasks", validation_fraction=0.1, testing_fraction=0.1, seed=5)
+    splits = {s: ds.task_split(real_data, "12", s, **options) for s in ds.SPLITS}
+    clips = ds.split_by_speaker(ds.index_dataset(real_data), 0.1, 0.1, "tasks")
+    for name, task in splits.items():
+        # the same as composing it by hand with the split's own seed
+        by_hand = ds.build_task(clips, "12", name, root=real_data, seed=5 + ds.SPLIT_SEED_OFFSET[name])
+        assert task.examples == by_hand.examples and task.examples
+    speakers = [{e.speaker for e in t.examples if e.label != ds.SILENCE} for t in splits.values()]
+    assert not (speakers[0] & speakers[1] or speakers[0] & speakers[2] or speakers[1] & speakers[2])
+
+    extra = tmp_path / "extra"
+    (extra / "yes").mkdir(parents=True)
+    wav = next((real_data / "yes").glob("*.wav"))
+    (extra / "yes" / "synth0001_nohash_0.wav").write_bytes(wav.read_bytes())
+    with_extra = {s: ds.task_split(real_data, "12", s, extra_training=[extra], **options) for s in ds.SPLITS}
+    added = [e for e in with_extra["training"].examples if e.path.parent.parent == extra]
+    assert len(added) == 1 and added[0].label == "yes"
+    assert with_extra["validation"].examples == splits["validation"].examples
+    assert with_extra["testing"].examples == splits["testing"].examples
+    with pytest.raises(ds.DatasetError, match="unknown split"):
+        ds.task_split(real_data, "12", "train")
+
+
 def test_given_silence_clips_are_kept_and_none_drawn(real_data, real_clips):
     clips = ds.split_by_speaker(real_clips, 0.1, 0.1, salt="tasks")
     task = ds.build_task(clips, "12", "training", root=real_data, silence_percentage=50)

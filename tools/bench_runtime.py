@@ -27,7 +27,6 @@ import argparse  # noqa: E402
 import itertools  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
-import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
