@@ -11,7 +11,7 @@ import pytest
 
 from kws_train import data_cli
 from kws_train import download as dl
-from test_download import LoopbackServer, build_archive
+from loopback import LoopbackServer, build_archive
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch.distributed as dist
 
-from test_trainer import SALT, make_tiny_dataset
+from tiny_dataset import SALT, make_tiny_dataset
 
 WORKER = textwrap.dedent(
     """

@@ -10,7 +10,7 @@ import soundfile
 from kws_runtime import AudioError, BundleError, Prediction, Predictor, load_audio, load_bundle, log_mel
 from kws_runtime.bundle import write_manifest
 
-from test_bundle import LABELS, SEED, artifact_entry, build_bundle, linear_onnx, linear_weights, manifest_for, waveform_onnx
+from bundle_builders import LABELS, SEED, artifact_entry, build_bundle, linear_onnx, linear_weights, manifest_for, waveform_onnx
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +229,10 @@ def test_model_that_does_not_fit_the_bundle_is_refused(tmp_path):
 
 
 def test_every_broken_audio_file_is_an_audio_error(bundle, tmp_path):
-    from test_audio import _broken_files
+    from broken_audio import broken_files
 
     predictor = Predictor(bundle[0], artifact="onnx_fp32")
-    for name, (data, message) in _broken_files(tmp_path).items():
+    for name, (data, message) in broken_files(tmp_path).items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(AudioError, match=message) as info:
             predictor.predict([np.zeros(100, np.float32), tmp_path / name])

@@ -15,8 +15,9 @@ import soundfile
 from kws_runtime import Predictor, load_audio
 from kws_runtime.cli import main
 
-from test_audio import _broken_files
-from test_bundle import BAD_FIELDS, LABELS, SEED, _set, build_bundle, read_manifest, rewrite_manifest
+from bad_manifests import BAD_FIELDS, set_field
+from broken_audio import broken_files
+from bundle_builders import LABELS, SEED, build_bundle, read_manifest, rewrite_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,7 +220,7 @@ def test_subprocess_run_and_failures_have_no_traceback(bundle, audio_dir, tmp_pa
 
 
 def test_every_broken_audio_file_is_one_error_line(bundle, tmp_path, capsys):
-    cases = _broken_files(tmp_path)
+    cases = broken_files(tmp_path)
     soundfile.write(tmp_path / "long.wav", np.zeros(31 * 8000, np.int16), 8000)
     cases["long.wav"] = (None, r"is 31\.0 s long, over the 30 s limit")
     paths = []
@@ -240,7 +241,7 @@ def test_bad_manifests_exit_2_naming_the_field(bundle, tmp_path, capsys, field, 
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
     manifest = read_manifest(copy)
-    _set(manifest, field, value)
+    set_field(manifest, field, value)
     rewrite_manifest(copy, manifest)
     for command in (["info", copy], ["predict", copy, copy / "model.onnx"]):
         code, out, err = run(command, capsys)

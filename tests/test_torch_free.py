@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from test_bundle import LABELS, SEED, build_bundle
+from bundle_builders import LABELS, SEED, build_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("torch", "librosa", "thop")

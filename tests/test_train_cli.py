@@ -10,7 +10,7 @@ import torch
 from kws_train.cli import main
 from kws_train.dataset import LABELS_12
 
-from test_trainer import SALT, make_tiny_dataset
+from tiny_dataset import SALT, make_tiny_dataset
 
 
 @pytest.fixture(scope="module")
