@@ -343,8 +343,9 @@ def export_bundle(
         onnx_quant: the ONNX int8 setting tried first.
         torch_quant: the TorchScript int8 setting tried first.
         select_quantization: when the first setting flips more than 0.5% of the fp32
-            decisions on the selection clips, also try per-tensor (or per-channel) weights and
-            reduced range, and keep the best.
+            decisions on the selection clips, also try the settings `_candidates` lists
+            (other weight granularity, reduced range, other calibration, float first
+            convolution and classifier) and keep the one closest to fp32.
         try_all: try every candidate setting even when the first is good enough.
         latency_runs: timed runs per artifact (0 skips latency).
         name: model name in the manifest (default: the checkpoint's file stem, or its
