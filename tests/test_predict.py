@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from kws_runtime import AudioError, BundleError, Prediction, Predictor, load_audio, load_bundle, log_mel
+from kws_runtime import AudioError, BundleError, Prediction, Predictor, load_audio, load_bundle
 from kws_runtime.bundle import write_manifest
 
 from bundle_builders import LABELS, SEED, artifact_entry, build_bundle, linear_onnx, linear_weights, manifest_for, waveform_onnx
