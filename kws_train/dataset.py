@@ -16,7 +16,7 @@ import hashlib
 import math
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -306,6 +306,7 @@ def task_split(
     seed: int = 0,
     spec: FeatureSpec = FeatureSpec(),
     extra_training: Sequence = (),
+    clips: Optional[Sequence[Clip]] = None,
 ) -> TaskSplit:
     """One split of a dataset's task, composed as a training run composes it.
 
@@ -322,10 +323,11 @@ def task_split(
         spec: as `build_task`.
         extra_training: more dataset folders whose every clip joins the training split only
             (synthetic speech).
+        clips: ``index_dataset(root)``, when the caller composes several splits and indexes once.
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    clips = index_dataset(root)
+    clips = index_dataset(root) if clips is None else list(clips)
     if salt is not None:
         clips = split_by_speaker(clips, validation_fraction, testing_fraction, salt)
     if split == "training":

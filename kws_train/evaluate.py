@@ -36,10 +36,6 @@ __all__ = [
 ]
 
 
-# The trainer draws each split's silence windows and unknown clips with seed + offset; scoring
-# a checkpoint with the same offsets reproduces the run's own validation and test figures.
-
-
 def confusion_matrix(targets, predictions, num_classes: int) -> np.ndarray:
     """``(num_classes, num_classes)`` int64 counts; ``[t, p]`` = clips of class ``t`` predicted ``p``."""
     targets = np.asarray(targets, dtype=np.int64).reshape(-1)

@@ -43,7 +43,7 @@ from . import plots
 from .augment import AugmentConfig, build_frontend
 from .cache import BatchLoader, build_cache
 from .checkpoint import save_checkpoint
-from .dataset import SPLITS, TASKS, background_noise, task_split
+from .dataset import SPLITS, TASKS, background_noise, index_dataset, task_split
 from .distributed import (
     DistContext, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed,
 )
@@ -333,7 +333,8 @@ def split_options(config: dict) -> dict:
 
 
 def _tasks(config: TrainConfig, spec: FeatureSpec):
-    options = dict(split_options(config.to_dict()), spec=spec, extra_training=config.extra_train)
+    options = dict(split_options(config.to_dict()), spec=spec, extra_training=config.extra_train,
+                   clips=index_dataset(config.data))
     train, val, test = (task_split(config.data, config.task, split, **options) for split in SPLITS)
     how = "the dataset's split" if config.split == "dataset" else f"--split speaker (salt {config.split_salt!r})"
     if not train.examples:

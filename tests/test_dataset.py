@@ -200,6 +200,8 @@ def test_task_split_composes_a_run_split_by_split(real_data, tmp_path):
         # the same as composing it by hand with the split's own seed
         by_hand = ds.build_task(clips, "12", name, root=real_data, seed=5 + ds.SPLIT_SEED_OFFSET[name])
         assert task.examples == by_hand.examples and task.examples
+        indexed_once = ds.task_split(real_data, "12", name, clips=ds.index_dataset(real_data), **options)
+        assert indexed_once.examples == task.examples
     speakers = [{e.speaker for e in t.examples if e.label != ds.SILENCE} for t in splits.values()]
     assert not (speakers[0] & speakers[1] or speakers[0] & speakers[2] or speakers[1] & speakers[2])
 
