@@ -66,7 +66,7 @@ class OnnxQuantConfig:
             uint8 is the default because it is onnxruntime's fast path on x86: with signed
             activations (onnxruntime 1.32, AVX512-VNNI) the convolutions that read a ReLU
             output or a shared input stay in float between Dequantize/Quantize pairs, and
-            ResNet-18 ran 1.4x faster than fp32 instead of 6.5x. ARM builds of onnxruntime
+            ResNet-18 ran 1.27x faster than fp32 instead of 3.65x. ARM builds of onnxruntime
             favour signed activations: export for them with ``activations="int8"``.
         float_ends: keep the first convolution and the classifier (the last Gemm or MatMul)
             in float, the usual mixed-precision fallback when quantizing every layer flips

@@ -87,6 +87,13 @@ def test_default_keeps_at_least_the_seed_resolution(architecture):
     assert not any(isinstance(m, nn.MaxPool2d) for m in build_model(architecture, 12, "default").modules())
 
 
+def test_resnet18_default_has_overall_stride_16():
+    # The layout the accuracy table measured: a 40 x 101 input ends at 3 x 7, the seed's at 2 x 4.
+    shape = FeatureSpec.preset("fine").shape
+    assert _final_map(build_model("resnet18", 12, "default"), shape) == (3, 7)
+    assert _final_map(build_model("resnet18", 12, "seed"), shape) == (2, 4)
+
+
 def test_build_model_names_and_errors():
     assert canonical_architecture("resnet") == "resnet18"
     assert canonical_architecture("mobilenet") == "mobilenet_v2"
