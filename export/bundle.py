@@ -27,7 +27,7 @@ from kws_runtime.audio import AudioError
 from kws_runtime.bundle import file_sha256, load_bundle, write_manifest
 from kws_runtime.spec import FeatureSpec
 from kws_train.checkpoint import load_checkpoint
-from kws_train.dataset import LABELS_12, LABELS_35, DatasetError, load_example, task_split
+from kws_train.dataset import LABELS_12, LABELS_35, DatasetError, index_dataset, load_example, task_split
 from kws_train.trainer import split_options
 
 from . import e2e, onnx_export, quantize, scorecard, torchscript
@@ -134,15 +134,18 @@ def _task_name(labels: Sequence[str]) -> str:
     )
 
 
-def _examples(root, labels: Sequence[str], split: str, spec: FeatureSpec, options: dict) -> list:
+def _examples(root, labels: Sequence[str], split: str, spec: FeatureSpec, options: dict, indexed: dict) -> list:
     """(example, class index) pairs of one split of ``root``, labelled in the checkpoint's order.
 
     ``options`` are the training run's own (`kws_train.trainer.split_options`): "training
     split" here is the run's training split, so int8 calibration never sees a test clip and the
-    scorecard's test clips are the ones the run reported on.
+    scorecard's test clips are the ones the run reported on. ``indexed`` maps each root to its
+    `index_dataset` clips, filled on first use: a full dataset takes about a second to walk.
     """
     try:
-        task = task_split(root, _task_name(labels), split, spec=spec, **options)
+        if Path(root) not in indexed:
+            indexed[Path(root)] = index_dataset(root)
+        task = task_split(root, _task_name(labels), split, spec=spec, clips=indexed[Path(root)], **options)
     except DatasetError as error:
         raise ExportError(str(error)) from None
     index = {label: i for i, label in enumerate(labels)}
@@ -392,8 +395,9 @@ def export_bundle(
             log(f"splits: by speaker with the checkpoint's salt {settings['salt']!r}")
         calib_reader = select_set = None
         calib_counts: list = []
+        indexed: dict = {}
         if calib_root is not None:
-            train = _examples(calib_root, labels, "training", spec, settings)
+            train = _examples(calib_root, labels, "training", spec, settings, indexed)
             chosen = _balanced(train, calib_clips, seed)
             if not chosen:
                 raise ExportError(f"{calib_root}: its training split has no clips for the task; pass another --calib folder")
@@ -404,13 +408,13 @@ def export_bundle(
             calib_reader = LogMelReader([p for p in chosen], spec, _load_pair, onnx_export.INPUT_NAME, batch_size=32)
             calib_counts = np.bincount([p[1] for p in chosen], minlength=len(labels)).tolist()
             log(f"calibration: {len(chosen)} clips from {calib_root} (training split), per class {calib_counts}")
-            valid = _balanced(_examples(calib_root, labels, "validation", spec, settings), selection_clips, seed)
+            valid = _balanced(_examples(calib_root, labels, "validation", spec, settings, indexed), selection_clips, seed)
             if valid:
                 select_set = scorecard.EvalSet(valid, [p[1] for p in valid], spec, _load_pair)
                 log(f"int8 setting selection: {len(valid)} clips from the validation split")
         test_set = None
         if test_root is not None:
-            tests = _examples(test_root, labels, "testing", spec, settings)
+            tests = _examples(test_root, labels, "testing", spec, settings, indexed)
             tests = _balanced(tests, test_clips, seed) if test_clips else tests
             if not tests:
                 raise ExportError(f"{test_root}: its testing split has no clips for the task; pass another --test folder")
