@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,6 +13,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+
+from kws_runtime.files import atomic_path
 
 __all__ = [
     "INPUT_NAME",
@@ -49,13 +49,6 @@ def quiet_onnx_export():
             yield
     finally:
         registry_log.setLevel(level)
-
-
-def atomic_path(path: Path) -> Path:
-    """A fresh temporary file beside ``path``: write there, then ``os.replace`` it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 def export_onnx(
@@ -95,14 +88,8 @@ def export_onnx(
         kwargs.update(dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     else:
         kwargs.update(dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
-    tmp = atomic_path(path)
-    try:
-        with quiet_onnx_export(), torch.no_grad():
-            torch.onnx.export(model, (example,), str(tmp), dynamo=dynamo, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, quiet_onnx_export(), torch.no_grad():
+        torch.onnx.export(model, (example,), str(tmp), dynamo=dynamo, **kwargs)
     return path
 
 

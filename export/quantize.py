@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +29,7 @@ from onnxruntime.quantization import (
 
 from kws_runtime.audio import load_audio
 from kws_runtime.features import log_mel
+from kws_runtime.files import atomic_path
 from kws_runtime.spec import FeatureSpec
 
 __all__ = [
@@ -230,8 +230,8 @@ def quantize_onnx(model_path, output_path, reader: CalibrationDataReader, config
             raise QuantizationError(f"{model_path}: onnxruntime quantize_static ({config.name}) failed: {type(exc).__name__}: {exc}") from exc
         model = onnx.load(str(quantized))
         compact_qdq(model)
-        onnx.save(model, str(quantized))
-        os.replace(quantized, output_path)
+        with atomic_path(output_path) as tmp_out:
+            onnx.save(model, str(tmp_out))
     return output_path
 
 

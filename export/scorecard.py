@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -19,6 +17,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from kws_runtime.spec import FeatureSpec
+from kws_runtime.files import atomic_path, write_text_atomic
 
 from .quantize import LogMelReader
 
@@ -271,25 +270,15 @@ def plot_scorecard(rows: Sequence[ScoreRow], path, title: str = "Accuracy agains
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
 def write_scorecard(rows: Sequence[ScoreRow], out_dir, title: str, notes: Sequence[str] = ()) -> list:
     """Write ``scorecard.md`` and (when there are latencies and accuracies) ``scorecard.png``; returns the paths."""
     out_dir = Path(out_dir)
-    md = out_dir / "scorecard.md"
-    fd, tmp = tempfile.mkstemp(prefix=".scorecard.", suffix=".md", dir=out_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(scorecard_markdown(rows, title, notes))
-    os.replace(tmp, md)
+    md = write_text_atomic(out_dir / "scorecard.md", scorecard_markdown(rows, title, notes))
     written = [md]
     png = plot_scorecard(rows, out_dir / "scorecard.png", title)
     if png:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
+
+from kws_runtime.files import atomic_path
 
 __all__ = [
     "QUANTIZED_ENGINE",
@@ -84,18 +84,10 @@ def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
         return torch.jit.trace(model, example, check_trace=False)
 
 
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+def _atomic(path, write) -> Path:
+    with atomic_path(path) as tmp:
+        write(str(tmp))
+    return Path(path)
 
 
 def save_torchscript(module: torch.jit.ScriptModule, path) -> Path:

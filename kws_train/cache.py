@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from kws_runtime.spec import FeatureSpec
+from kws_runtime.files import make_shareable
 
 from .dataset import Example, TaskSplit, load_example
 
@@ -162,7 +163,7 @@ def build_cache(
             pass  # unreadable: rebuilt below and swapped in
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".tmp", dir=cache_dir))
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+    make_shareable(tmp, folder=True)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
         targets = np.array([index[e.label] for e in examples], dtype=np.int64)
         _decode_all(examples, spec, tmp / "audio.npy", workers, progress, name)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from kws_runtime import FeatureSpec, SpecError
+from kws_runtime.files import write_bytes_atomic
 
 from .models import build_model, canonical_architecture
 
@@ -188,18 +189,11 @@ def save_checkpoint(
         "extra": extra,
         "state_dict": state,
     }
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-    return path
+    # Serialised in memory first: torch's own writer reports a full disk as an internal
+    # RuntimeError naming no file, while a plain write names the file and says the disk is full.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return write_bytes_atomic(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Checkpoint:

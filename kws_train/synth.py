@@ -30,6 +30,7 @@ import numpy as np
 import soundfile
 
 from kws_runtime.audio import read_audio
+from kws_runtime.files import make_shareable
 
 from .dataset import BACKGROUND_NOISE, LABELS_35, NOHASH, noise_files, which_set
 
@@ -434,7 +435,7 @@ def synthesize_dataset(
     todo = plan(words, per_word, seed, speakers, len(noise_paths), noise_probability, snr_db)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the dataset should not be
+    make_shareable(staging, folder=True)  # mkdtemp makes it private; the dataset should not be
     t0 = time.perf_counter()
     try:
         for word in words:

@@ -26,9 +26,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -38,6 +36,7 @@ import torch
 from torch import nn
 
 from kws_runtime.spec import FeatureSpec
+from kws_runtime.files import check_writable_folder, copy_atomic, write_json_atomic, write_text_atomic
 
 from . import plots
 from .augment import AugmentConfig, build_frontend
@@ -407,36 +406,6 @@ def _python_state_from_plain(state) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def _write_json_atomic(path: Path, payload, lines: bool = False) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            if lines:
-                for row in payload:
-                    f.write(json.dumps(row) + "\n")
-            else:
-                json.dump(payload, f, indent=1)
-                f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _augment_seed(config: TrainConfig, epoch: int, rank: int) -> int:
     # distinct streams per epoch and per rank, all derived from the run's seed
     return (config.seed * 1_000_003 + epoch * 1_009 + rank * 2) % (2**62)
@@ -486,8 +455,16 @@ def train(config: TrainConfig) -> TrainResult:
         ctx = init_distributed(config.device)
     except RuntimeError as error:
         raise TrainError(str(error)) from None
+    out = Path(config.out)
+    out_existed = out.exists()
     try:
         return _train(config, ctx)
+    except BaseException:
+        # A run that failed before writing anything leaves no empty folder behind.
+        if ctx.is_main and not out_existed and out.is_dir() and not any(out.iterdir()):
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     finally:
         if started_here:
             shutdown_distributed()
@@ -499,8 +476,6 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     autocast_dtype = resolve_autocast(config.amp, device)
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     if config.deterministic:
@@ -510,6 +485,9 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
 
     resume_from = _resume_path(config)
     resume_state = _load_resume_state(resume_from, config) if resume_from is not None else None
+    if ctx.is_main:
+        # now, not after an epoch's work: an output folder that cannot be written fails here
+        check_writable_folder(out)
     if resume_state is None and (out / "last.pt").is_file():
         _log(ctx, config, f"note: {out} holds an earlier run; its checkpoints will be replaced (--resume continues it)")
 
@@ -651,7 +629,7 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
             if improved:
                 save(best_path, epoch)
             save(last_path, epoch)
-            _write_json_atomic(out / "metrics.jsonl", history, lines=True)
+            write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
             plots.plot_training_curves(history, out / "curves.png")
         _log(ctx, config, f"epoch {epoch}/{config.epochs}  train loss {train_loss:.4f} acc {100 * train_acc:.2f}%  "
              f"val loss {validation.loss:.4f} acc {100 * validation.accuracy:.2f}%"
@@ -687,12 +665,12 @@ def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
             "test_clips": 0 if test_split is None else len(test_split),
             "test": None if test_result is None else test_result.to_dict(),
         }
-        _write_json_atomic(out / "summary.json", summary)
+        write_json_atomic(out / "summary.json", summary, indent=1)
         if test_result is not None:
             _log(ctx, config, f"best epoch {best_epoch}: val {100 * best_acc:.2f}%, test {100 * test_result.accuracy:.2f}% "
                  f"({test_result.count} clips)")
         if config.save_weights and finished:
-            _copy_atomic(best_path, Path(config.save_weights))
+            copy_atomic(best_path, Path(config.save_weights))
             _log(ctx, config, f"updated {config.save_weights}")
     if ctx.distributed:
         barrier(ctx)

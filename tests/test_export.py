@@ -9,6 +9,7 @@ runtime's own CLI, independently of what the manifest claims.
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from export import FORMATS, ExportError, LogMelGraph, LogMelReader, export_bundl
 from export.cli import main as export_main
 from kws_runtime import FeatureSpec, log_mel
 from kws_runtime.bundle import load_bundle
+from kws_runtime.files import current_umask
 from kws_train.checkpoint import load_checkpoint, save_checkpoint
 from kws_train.dataset import build_task, index_dataset, load_example, split_by_speaker
 from kws_train.models import ARCHITECTURES, build_model
@@ -159,6 +161,9 @@ def test_every_artifact_is_written_verified_and_listed(exported):
     assert {row["artifact"] for row in bundle.scorecard} == set(FORMATS)
     assert (out / "scorecard.md").read_text().count("|") > 20
     assert (out / "scorecard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a bundle is copied and shared: every file readable by others (0644 under the usual umask)
+    usual = 0o666 & ~current_umask()
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {p.name: usual for p in out.iterdir()}
 
 
 def test_onnx_fp32_matches_the_eager_model(exported, test_inputs):

@@ -10,6 +10,7 @@ import torch
 from kws_train.cli import main
 from kws_train.dataset import LABELS_12
 
+from filesystems import require_permission_checks, run_unprivileged
 from tiny_dataset import SALT, make_tiny_dataset
 
 
@@ -105,6 +106,17 @@ def test_input_errors_are_one_line(tiny_data, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(["-m", "vgg", "-d", str(tiny_data)])
     assert exit_info.value.code == 2
+
+
+def test_an_output_folder_nobody_can_write_is_refused_at_once(tiny_data, tmp_path):
+    require_permission_checks(tmp_path)
+    out = tmp_path / "locked"
+    out.mkdir(mode=0o555)
+    proc = run_unprivileged([sys.executable, "-m", "kws_train.cli", "-m", "mobilenet", "-d", str(tiny_data), "-t",
+                             "-e", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")], timeout=120)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, f"{out}: cannot be written: permission denied; choose a folder you can write to")
+    assert not (tmp_path / "cache").exists()  # refused before any clip was decoded
 
 
 def test_profile_prints_the_table(capsys):

@@ -4,19 +4,23 @@ Runs use a tiny generated dataset (tones per word, a handful of speakers, real W
 the smallest model, so a run takes about a second on a CPU.
 """
 
+import contextlib
 import json
 import math
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from kws_runtime.files import WriteError, current_umask
 from kws_train.checkpoint import load_checkpoint
 from kws_train.dataset import LABELS_12
 from kws_train.evaluate import EvalResult, confusion_matrix, evaluate_checkpoint, format_report, predict_files
 from kws_train.trainer import TrainConfig, TrainError, _class_weights, default_weights_path, train, warmup_cosine
 
+from filesystems import small_disk
 from tiny_dataset import SALT, make_tiny_dataset
 
 
@@ -69,6 +73,9 @@ def test_run_writes_checkpoints_metrics_and_figures(trained):
         assert torch.equal(tensor, last.model.state_dict()[name]), name
     # leftover temp files would mean a write was not atomic
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # shareable like anything open() writes: 0644 under the usual umask, not mkstemp's 0600
+    usual = 0o666 & ~current_umask()
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {p.name: usual for p in out.iterdir()}
 
 
 def test_resume_continues_exactly(trained, tiny_data, tmp_path):
@@ -92,6 +99,32 @@ def test_resume_refuses_other_settings_and_missing_state(trained, tiny_data, tmp
         train(tiny_config(tiny_data, trained.out, variant="default", resume=True))
     with pytest.raises(TrainError, match="nothing to resume"):
         train(tiny_config(tiny_data, tmp_path / "fresh", resume=True))
+    assert not (tmp_path / "fresh").exists()  # a failed start leaves no empty run folder
+
+
+def test_an_output_folder_that_cannot_be_written_fails_before_any_work(tiny_data, tmp_path):
+    with small_disk(tmp_path / "ro", 64, read_only=True):
+        with pytest.raises(WriteError, match="ro: cannot be written: the file system is read-only"):
+            train(tiny_config(tiny_data, tmp_path / "ro", cache_dir=str(tmp_path / "cache")))
+    assert not (tmp_path / "cache").exists()  # failed before decoding a single clip
+
+
+def test_full_disk_names_the_file_and_keeps_the_run_resumable(tiny_data, tmp_path):
+    with small_disk(tmp_path / "disk", 96 * 1024) as disk:
+        out = disk / "run"
+        train(tiny_config(tiny_data, out, epochs=2, stop_after_epochs=1))
+        filler = disk / "filler"
+        with open(filler, "wb") as stream:
+            with contextlib.suppress(OSError):
+                while True:
+                    stream.write(b"\0" * (1 << 20))
+                    stream.flush()
+        with pytest.raises(WriteError, match=r"run/(best|last)\.pt: cannot be written: the disk is full"):
+            train(tiny_config(tiny_data, out, epochs=2, resume=True))
+        assert load_checkpoint(out / "last.pt").extra["epoch"] == 1
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]
+        filler.unlink()
+        assert train(tiny_config(tiny_data, out, epochs=2, resume=True)).epochs_run == 2
 
 
 def test_sampler_balancing_and_sgd_train(tiny_data, tmp_path):
