@@ -1,9 +1,16 @@
 """Fetching and unpacking the Speech Commands archives.
 
 `download_speech_commands` is the whole pipeline: download (resumable, with a progress bar)
-into ``<archive>.part``, verify size and sha256, rename, extract into a temporary folder
-beside the target with tarfile's ``data`` filter, then rename that folder into place. A
+into ``<archive>.part``, verify size and sha256, rename, check every member of the archive,
+extract into a temporary folder beside the target, then rename that folder into place. A
 verified dataset carries a small ``.kws-download.json`` stamp so a second run does nothing.
+
+Extraction trusts nothing in the archive. The Speech Commands archives hold only regular
+files and folders, so every other member (symbolic and hard links, devices, FIFOs) is refused
+before anything is written: links are how extraction filters have been bypassed, e.g.
+CVE-2025-4517, a chain of symlinks longer than PATH_MAX that leads tarfile's ``data`` filter
+out of the target on Python releases before the fix (3.11.7 among them). The ``data`` filter
+stays on as a second line.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -24,6 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from kws_runtime.bundle import file_sha256
+from kws_runtime.files import make_shareable, write_json_atomic
 
 OFFICIAL_BASE_URL = "http://download.tensorflow.org/data/"
 VERSIONS = ("0.01", "0.02")
@@ -129,7 +138,7 @@ def fetch(
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.is_file() and _matches(dest, sha256, size):
+    if dest.is_file() and (sha256 is not None or size is not None) and _matches(dest, sha256, size):
         return dest
     part = dest.with_name(dest.name + ".part")
     attempt = 0
@@ -162,6 +171,12 @@ def fetch(
                 f"{url}: sha256 mismatch (got {got}, expected {sha256}); the corrupt download was removed, "
                 "run again or check the mirror"
             )
+    elif total is None and size is None:
+        print(
+            f"warning: {url}: the server announced no length and no size or checksum is known, so this "
+            f"download of {have} bytes cannot be checked for completeness",
+            file=sys.stderr,
+        )
     os.replace(part, dest)
     return dest
 
@@ -255,9 +270,10 @@ def _matches(path: Path, sha256: Optional[str], size: Optional[int]) -> bool:
 def extract_archive(archive, target, progress: bool = False) -> Path:
     """Extract a tar(.gz) archive so that ``target`` appears complete or not at all.
 
-    Members are unpacked with tarfile's ``data`` filter (no ``..``, no links leaving the
-    folder, no device files), and absolute names are refused rather than stripped, into a temporary folder beside ``target``,
-    which is renamed to ``target`` only after every member was written.
+    Every member is checked first (`check_members`): only regular files and folders with
+    relative names are accepted, so nothing is written from an archive that holds a link.
+    Members are then unpacked with tarfile's ``data`` filter into a temporary folder beside
+    ``target``, which is renamed to ``target`` only after every member was written.
 
     Raises:
         DownloadError: unreadable/truncated archive, a refused member, or ``target`` exists.
@@ -267,38 +283,81 @@ def extract_archive(archive, target, progress: bool = False) -> Path:
         raise DownloadError("safe extraction needs tarfile's 'data' filter: use Python 3.9.17+, 3.10.12+ or 3.11.4+")
     if target.exists():
         raise DownloadError(f"{target} already exists; remove it or choose another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extracting-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset should not be
+    broken = f"{archive}: broken archive"
     try:
-        try:
-            with tarfile.open(archive, "r:*") as tar:
-                tar.extractall(tmp, members=_counted(tar, archive, progress), filter=_strict_filter)
-        except tarfile.FilterError as exc:
-            raise DownloadError(f"{archive}: refused unsafe archive member ({exc}); nothing was extracted") from None
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-            raise DownloadError(f"{archive}: broken archive ({type(exc).__name__}: {exc}); nothing was extracted") from None
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with tarfile.open(archive, "r:*") as tar:
+            members = check_members(tar, archive)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extracting-", dir=target.parent))
+            try:
+                make_shareable(tmp, folder=True)
+                try:
+                    tar.extractall(tmp, members=_counted(members, archive, progress), filter=_strict_filter)
+                except tarfile.FilterError as exc:
+                    raise DownloadError(f"{archive}: refused unsafe archive member ({exc}); nothing was extracted") from None
+                os.replace(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except DownloadError:
         raise
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise DownloadError(f"{broken} ({type(exc).__name__}: {exc}); nothing was extracted") from None
     return target
 
 
+def check_members(tar: tarfile.TarFile, archive) -> list:
+    """Every member of ``tar``, after checking that each is a regular file or a folder whose
+    name stays inside the target; reads the whole archive once and writes nothing.
+
+    Raises:
+        DownloadError: naming the first member that is a link, a device or a FIFO, or whose
+            name is absolute or climbs out with ``..``, and what it is.
+    """
+    members = tar.getmembers()
+    for member in members:
+        why = _unsafe(member)
+        if why:
+            raise DownloadError(f"{archive}: refused unsafe archive member {member.name!r}: {why}; nothing was extracted")
+    return members
+
+
+def _unsafe(member: tarfile.TarInfo) -> Optional[str]:
+    """Why ``member`` may not be extracted, or None."""
+    if member.issym() or member.islnk():
+        kind = "symbolic link" if member.issym() else "hard link"
+        return f"a {kind} to {member.linkname!r} (Speech Commands archives hold no links)"
+    if not (member.isfile() or member.isdir()):
+        return f"a {_member_kind(member)}, not a file or folder"
+    name = member.name.replace("\\", "/")
+    if name.startswith("/") or os.path.isabs(member.name):
+        return "an absolute name"
+    if ".." in name.split("/"):
+        return "a name leading out of the folder ('..')"
+    return None
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.ischr() or member.isblk():
+        return "device file"
+    if member.isfifo():
+        return "FIFO"
+    return f"tar entry of type {member.type!r}"
+
+
 def _strict_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    # The data filter would quietly strip a leading "/"; an official archive never has one,
-    # so an absolute name means the file is not what it claims to be.
-    if member.name.startswith(("/", "\\")) or os.path.isabs(member.name):
-        raise tarfile.AbsolutePathError(member)
+    # The second line behind check_members, in case a member changes between the two reads:
+    # the same rules, then the data filter.
+    if _unsafe(member):
+        raise tarfile.FilterError(f"{member.name!r}: {_unsafe(member)}")
     return tarfile.data_filter(member, dest)
 
 
-def _counted(tar, archive: Path, enabled: bool):
-    # Streams members (one pass over the gzip) while a bar counts files.
+def _counted(members: list, archive: Path, enabled: bool):
     from tqdm import tqdm
 
-    with tqdm(unit=" files", desc=f"extracting {archive.name}", disable=not enabled, leave=False) as bar:
-        for member in tar:
+    with tqdm(total=len(members), unit=" files", desc=f"extracting {archive.name}", disable=not enabled, leave=False) as bar:
+        for member in members:
             yield member
             bar.update(1)
 
@@ -350,13 +409,28 @@ def download_speech_commands(
     url = base_url.rstrip("/") + "/" + info.filename
     archive = fetch(url, out / info.filename, sha256=sha256, size=size, progress=progress, retries=retries)
     measured = sha256 or file_sha256(archive)
-    extract_archive(archive, target, progress=progress)
+    try:
+        extract_archive(archive, target, progress=progress)
+    except DownloadError as exc:
+        if sha256 is not None:
+            raise  # the archive is the published one: keep it, the cause is elsewhere (disk, permissions)
+        # Never checked against a digest: it may be a bad mirror's or a cut transfer's, and
+        # keeping it would reuse it on every rerun. The next run downloads it again.
+        archive.unlink(missing_ok=True)
+        raise DownloadError(f"{exc}; the unverified archive was deleted, so the next run downloads it again") from None
     record = {"archive": info.filename, "url": url, "sha256": measured, "size": archive.stat().st_size,
-              "published_sha256": info.sha256 is not None}
-    _write_json_atomic(target / STAMP_NAME, record)
+              "published_sha256": info.sha256 is not None, "verified_by": _verified_by(sha256, size)}
+    write_json_atomic(target / STAMP_NAME, record)
     if not keep_archive:
         archive.unlink()
     return target
+
+
+def _verified_by(sha256: Optional[str], size: Optional[int]) -> Optional[str]:
+    # None: only the server's own Content-Length, if it sent one, vouched for the download
+    if sha256 is not None:
+        return "sha256"
+    return "size" if size is not None else None
 
 
 def _read_stamp(target: Path) -> Optional[dict]:
@@ -364,15 +438,3 @@ def _read_stamp(target: Path) -> Optional[dict]:
         return json.loads((target / STAMP_NAME).read_text())
     except (OSError, ValueError):
         return None
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

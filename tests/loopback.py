@@ -20,6 +20,7 @@ class LoopbackServer:
         self.requests: list = []  # (path, Range header or None, body bytes sent)
         self.drop_at: int | None = None  # byte offset at which the next full body is cut
         self.ignore_range = False
+        self.send_length = True  # False: no Content-Length header, the body ends with the connection
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -45,7 +46,8 @@ class LoopbackServer:
                 else:
                     self.send_response(200)
                 self.send_header("Content-Type", "application/gzip")
-                self.send_header("Content-Length", str(len(data) - start))
+                if server.send_length:
+                    self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
                 body = data[start:]
                 if server.drop_at is not None and start < server.drop_at:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tarfile
 from pathlib import Path
@@ -158,15 +159,21 @@ def _member(name, kind=tarfile.REGTYPE, linkname=""):
         _member("./yes/link.wav", tarfile.SYMTYPE, "../../evil.wav"),
         _member("./yes/abs-link.wav", tarfile.SYMTYPE, "/etc/passwd"),
         _member("./yes/hard.wav", tarfile.LNKTYPE, "/etc/passwd"),
+        _member("./yes/inside-link.wav", tarfile.SYMTYPE, "other.wav"),
+        _member("./yes/inside-hard.wav", tarfile.LNKTYPE, "./yes/a.wav"),
+        _member("./yes/fifo", tarfile.FIFOTYPE),
+        _member("./yes/dev", tarfile.CHRTYPE),
     ],
-    ids=["dotdot", "nested-dotdot", "absolute", "symlink-out", "symlink-absolute", "hardlink-absolute"],
+    ids=["dotdot", "nested-dotdot", "absolute", "symlink-out", "symlink-absolute", "hardlink-absolute",
+         "symlink-inside", "hardlink-inside", "fifo", "device"],
 )
 def test_unsafe_members_are_refused_and_nothing_is_extracted(tmp_path, real_data, member):
     data, _ = build_archive(real_data, extra=[member])
     out = tmp_path / "out"
     with LoopbackServer({NAME: data}) as server:
-        with pytest.raises(dl.DownloadError, match="refused unsafe archive member"):
+        with pytest.raises(dl.DownloadError, match="refused unsafe archive member") as err:
             fetch_dataset(server, out, data)
+    assert repr(member[0].name) in str(err.value)
     assert not (out / DIRNAME).exists()
     assert not [p for p in out.iterdir() if ".extracting-" in p.name]
     assert not (tmp_path / "evil.wav").exists() and not (out / "evil.wav").exists()
@@ -220,3 +227,113 @@ def test_unpublished_checksum_is_measured_and_recorded(tmp_path, archive):
         dl.download_speech_commands(tmp_path, "0.01", True, base_url=server.url, progress=False)
         assert len(server.requests) == n
     assert os.listdir(tmp_path) == [info.dirname]
+
+
+# ---------------------------------------------------------------------------- CVE-2025-4517
+
+
+def realpath_overflow_archive(dest_len: int) -> bytes:
+    """The archive of the public CVE-2025-4517 write-ups, sized for an extraction folder whose
+    path is ``dest_len`` characters long.
+
+    Sixteen folders with names long enough that their path, once every symlink ``a`` .. ``p``
+    that points at them is expanded, exceeds PATH_MAX; ``os.path.realpath`` then stops
+    resolving and tarfile's filter believes the last link, which climbs sixteen levels, stays
+    inside. ``escape`` then leads one level above the folder and ``escape/newfile`` lands there.
+    """
+    steps = "abcdefghijklmnop"
+    path_max = os.pathconf("/", "PC_PATH_MAX")
+    component = "d" * ((path_max - dest_len - 1) // (len(steps) + 1))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        def add(name, kind, linkname="", data=None):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.mode = kind, linkname, 0o777 if kind == tarfile.DIRTYPE else 0o644
+            info.size = len(data) if data is not None else 0
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+        path = ""
+        for step in steps:
+            add(os.path.join(path, component), tarfile.DIRTYPE)
+            add(os.path.join(path, step), tarfile.SYMTYPE, component)
+            path = os.path.join(path, component)
+        long_link = os.path.join(*steps, "l" * 254)
+        add(long_link, tarfile.SYMTYPE, os.path.join(*[".."] * len(steps)))
+        add("escape", tarfile.SYMTYPE, os.path.join(long_link, ".."))
+        add("escape/newfile", tarfile.REGTYPE, data=b"written outside the target")
+    return buf.getvalue()
+
+
+def test_cve_2025_4517_archive_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / DIRNAME
+    # the folder extract_archive extracts into: ".<name>.extracting-" + mkdtemp's 8 characters
+    dest_len = len(str(out)) + 1 + len(f".{DIRNAME}.extracting-") + 8
+    archive = tmp_path / "attack.tar"
+    archive.write_bytes(realpath_overflow_archive(dest_len))
+    with pytest.raises(dl.DownloadError, match=r"refused unsafe archive member 'a': a symbolic link.*nothing was extracted"):
+        dl.extract_archive(archive, target)
+    assert sorted(p.name for p in out.iterdir()) == []  # not even the temporary folder
+    assert not list(tmp_path.rglob("newfile"))
+
+
+def test_cve_2025_4517_archive_escapes_the_plain_data_filter_on_this_python(tmp_path):
+    """Shows the archive above is a real attack here: tarfile's own filter is led outside."""
+    dest = tmp_path / "outer" / "dest"
+    dest.mkdir(parents=True)
+    archive = tmp_path / "attack.tar"
+    archive.write_bytes(realpath_overflow_archive(len(str(dest))))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+    except (tarfile.FilterError, OSError) as exc:
+        pytest.skip(f"this Python's tarfile has the CVE-2025-4517 fix ({type(exc).__name__})")
+    assert (tmp_path / "outer" / "newfile").read_bytes() == b"written outside the target"
+
+
+def test_unverified_archive_that_fails_to_extract_is_deleted(tmp_path, archive):
+    data, _ = archive
+    info = dl.archive_info("0.01", test_set=True)  # no published sha256 or size
+    broken = data[: len(data) // 2]
+    with LoopbackServer({info.filename: broken}) as server:
+        with pytest.raises(dl.DownloadError, match="broken archive.*unverified archive was deleted"):
+            dl.download_speech_commands(tmp_path, "0.01", True, base_url=server.url, progress=False)
+        assert os.listdir(tmp_path) == []
+        server.files[info.filename] = data  # the mirror is fixed: the next run asks again
+        n = len(server.requests)
+        target = dl.download_speech_commands(tmp_path, "0.01", True, base_url=server.url, progress=False)
+        assert len(server.requests) == n + 1
+        assert (target / "yes").is_dir()
+
+
+def test_verified_archive_is_kept_when_extraction_is_refused(tmp_path, real_data):
+    data, _ = build_archive(real_data, extra=[_member("./yes/link.wav", tarfile.SYMTYPE, "a.wav")])
+    with LoopbackServer({NAME: data}) as server:
+        with pytest.raises(dl.DownloadError, match="refused unsafe archive member") as err:
+            fetch_dataset(server, tmp_path, data)
+    assert "deleted" not in str(err.value)
+    assert os.listdir(tmp_path) == [NAME]  # its digest matched: nothing to gain by fetching it again
+
+
+def test_an_unverifiable_file_already_present_is_downloaded_again(tmp_path, archive):
+    data, _ = archive
+    (tmp_path / NAME).write_bytes(b"left behind by something else")
+    with LoopbackServer({NAME: data}) as server:
+        dl.fetch(server.url + NAME, tmp_path / NAME, progress=False)
+        assert len(server.requests) == 1
+    assert (tmp_path / NAME).read_bytes() == data
+
+
+def test_download_of_unknown_length_is_accepted_only_with_a_warning(tmp_path, archive, capsys):
+    data, _ = archive
+    with LoopbackServer({NAME: data}) as server:
+        server.send_length = False
+        dl.fetch(server.url + NAME, tmp_path / NAME, progress=False)
+    assert (tmp_path / NAME).read_bytes() == data
+    err = capsys.readouterr().err
+    assert "warning" in err and "announced no length" in err and "cannot be checked for completeness" in err
+    with LoopbackServer({NAME: data}) as server:
+        server.send_length = False
+        dl.fetch(server.url + NAME, tmp_path / "checked.tar.gz", sha256=sha256(data), progress=False)
+    assert "warning" not in capsys.readouterr().err  # the digest vouches for it
