@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from .files import os_error_reason
 from .spec import FeatureSpec
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg"})
+# Samples beyond this magnitude (24 dB over full scale) are not a loud recording but a broken
+# one: a float WAV of 1e20 would square to infinity in the features and give a confident-looking
+# label from NaN. Ordinary clipping and float files that overshoot a little stay accepted.
+MAX_ABS_SAMPLE = 16.0
 _DEFAULT = FeatureSpec()
 
 
@@ -22,6 +29,19 @@ class AudioError(ValueError):
         super().__init__(f"{path}: {reason}")
 
 
+def check_samples(samples: np.ndarray) -> Optional[str]:
+    """Why a waveform's values cannot be used (NaN/inf, or beyond `MAX_ABS_SAMPLE`), or None."""
+    if not np.isfinite(samples).all():
+        return "contains NaN or infinite samples"
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if peak > MAX_ABS_SAMPLE:
+        return (
+            f"has samples up to {peak:.3g}, far outside the [-1, 1] of audio (the limit is {MAX_ABS_SAMPLE:g}); "
+            "the file is damaged or was written with the wrong scale"
+        )
+    return None
+
+
 def read_audio(path, sample_rate: int = 16000, max_seconds: float = 30.0) -> np.ndarray:
     """Decode a WAV (8/16/24/32-bit PCM or float), FLAC or OGG file.
 
@@ -31,23 +51,26 @@ def read_audio(path, sample_rate: int = 16000, max_seconds: float = 30.0) -> np.
         max_seconds: longer files are refused rather than decoded into memory.
 
     Returns:
-        float32 mono waveform ``(samples,)`` in [-1, 1] (channels are averaged).
+        float32 mono waveform ``(samples,)`` (channels are averaged), in [-1, 1] for integer
+        formats; float files may overshoot a little (up to `MAX_ABS_SAMPLE`).
 
     Raises:
-        AudioError: missing, empty, truncated, undecodable, too long, or containing NaN/inf.
+        AudioError: missing, unreadable (permissions, a name too long, ...), empty, truncated,
+            undecodable, too long, or containing NaN/inf or absurd sample values.
     """
     # Imported on first use: `import kws_runtime` stays light for feature-only callers.
     import soundfile
 
     path = Path(path)
-    if not path.exists():
-        raise AudioError(path, "no such file")
-    if not path.is_file():
-        raise AudioError(path, "not a regular file")
-    if path.stat().st_size == 0:
-        raise AudioError(path, "file is empty (0 bytes)")
     try:
+        size = _regular_file_size(path)
+        if size == 0:
+            raise AudioError(path, "file is empty (0 bytes)")
+        with open(path, "rb") as stream:  # a permission problem is reported here, in words
+            header = stream.read(12)
         info = soundfile.info(str(path))
+    except OSError as exc:
+        raise AudioError(path, os_error_reason(exc)) from None
     except (soundfile.SoundFileError, RuntimeError) as exc:
         raise AudioError(path, f"not a readable audio file ({_libsndfile_reason(exc)})") from None
     if info.frames <= 0 or info.samplerate <= 0:
@@ -55,22 +78,38 @@ def read_audio(path, sample_rate: int = 16000, max_seconds: float = 30.0) -> np.
     seconds = info.frames / info.samplerate
     if seconds > max_seconds:
         raise AudioError(path, f"is {seconds:.1f} s long, over the {max_seconds:g} s limit")
-    if info.format == "WAV":
-        _check_wav_complete(path)
+    if info.format == "WAV" and header[:4] == b"RIFF" and header[8:12] == b"WAVE":
+        _check_wav_complete(path, size)
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except OSError as exc:
+        raise AudioError(path, os_error_reason(exc)) from None
     except (soundfile.SoundFileError, RuntimeError) as exc:
         raise AudioError(path, f"could not be decoded ({_libsndfile_reason(exc)})") from None
     if data.size == 0:
         raise AudioError(path, "contains no audio samples")
-    if not np.isfinite(data).all():
-        raise AudioError(path, "contains NaN or infinite samples")
+    problem = check_samples(data)
+    if problem:
+        raise AudioError(path, problem)
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     if rate != sample_rate:
         import soxr
 
         mono = soxr.resample(mono, rate, sample_rate).astype(np.float32, copy=False)
     return np.ascontiguousarray(mono)
+
+
+def _regular_file_size(path: Path) -> int:
+    # stat before open: opening a FIFO would block until something writes to it
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise AudioError(path, "no such file" if not os.path.islink(path) else "a link to a file that does not exist") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise AudioError(path, "is a folder, not an audio file")
+    if not stat.S_ISREG(info.st_mode):
+        raise AudioError(path, "not a regular file")
+    return info.st_size
 
 
 def fit_length(audio: np.ndarray, n_samples: int) -> np.ndarray:
@@ -93,31 +132,30 @@ def _libsndfile_reason(exc: Exception) -> str:
     return text.split(": ", 1)[1] if ": " in text else text
 
 
-def _check_wav_complete(path: Path) -> None:
+def _check_wav_complete(path: Path, size: int) -> None:
     # libsndfile quietly returns the samples present when a WAV's data chunk is cut short;
     # a cut recording is a broken recording, so compare the declared size with the file.
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        header = f.read(12)
-        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
-            return  # RF64 and friends: leave it to libsndfile
-        offset = 12
-        while offset + 8 <= size:
-            f.seek(offset)
-            chunk = f.read(8)
-            if len(chunk) < 8:
-                break
-            declared = int.from_bytes(chunk[4:8], "little")
-            if chunk[:4] == b"data":
-                available = size - offset - 8
-                # 0 and 0xFFFFFFFF are what streaming writers leave when they cannot seek back.
-                if declared not in (0, 0xFFFFFFFF) and declared > available:
-                    raise AudioError(
-                        path,
-                        f"is truncated: its data chunk declares {declared} bytes but only {available} are present",
-                    )
-                return
-            offset += 8 + declared + (declared & 1)
+    try:
+        with open(path, "rb") as f:
+            offset = 12
+            while offset + 8 <= size:
+                f.seek(offset)
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    break
+                declared = int.from_bytes(chunk[4:8], "little")
+                if chunk[:4] == b"data":
+                    available = size - offset - 8
+                    # 0 and 0xFFFFFFFF are what streaming writers leave when they cannot seek back.
+                    if declared not in (0, 0xFFFFFFFF) and declared > available:
+                        raise AudioError(
+                            path,
+                            f"is truncated: its data chunk declares {declared} bytes but only {available} are present",
+                        )
+                    return
+                offset += 8 + declared + (declared & 1)
+    except OSError as exc:
+        raise AudioError(path, os_error_reason(exc)) from None
 
 
 def is_audio_file(path) -> bool:

@@ -25,17 +25,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
+from .files import os_error_reason, write_text_atomic
 from .spec import FeatureSpec, SpecError
 
 FORMAT = "kws-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# Real manifests are a few tens of kB (the scorecard is the bulk); the cap keeps a hostile one
+# from making the reader parse gigabytes.
+MAX_MANIFEST_BYTES = 1 << 20
 ARTIFACT_FORMATS = ("onnx", "torchscript", "torchscript-lite")
 PRECISIONS = ("fp32", "int8")
 INPUT_KINDS = ("log_mel", "waveform")
@@ -151,23 +153,17 @@ def write_manifest(bundle_dir, manifest: dict) -> Path:
             f"{target}: the manifest is not plain JSON ({exc}); use Python int/float/str/list/dict, "
             "finite numbers, and None for a value that was not measured"
         ) from None
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=bundle_dir)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a bundle is meant to be copied and shared
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return write_text_atomic(target, text)
 
 
 def load_bundle(path, verify: bool = True) -> Bundle:
     """Read a bundle folder (or its ``manifest.json``) and check every artifact.
+
+    A bundle is something people copy between machines, so nothing in it is trusted: the
+    manifest may be at most `MAX_MANIFEST_BYTES` and nested at most as deep as JSON parsing
+    allows, it and every artifact must lie inside the folder (a link within the folder is
+    fine, one leading outside is refused), and the feature spec's sizes are bounded
+    (`kws_runtime.spec.FeatureSpec`).
 
     Args:
         path: the bundle folder, or the manifest file inside it.
@@ -175,29 +171,41 @@ def load_bundle(path, verify: bool = True) -> Bundle:
 
     Raises:
         BundleError: missing or unreadable manifest, unknown format or version, a bad field,
-            a file name leaving the folder, or an artifact that is missing or differs from
-            the manifest. The message says which bundle, which file, what and what to do.
+            a file leaving the folder, or an artifact that is missing or differs from the
+            manifest. The message says which bundle, which file, what and what to do.
     """
     path = Path(path)
-    folder = path.parent if path.name == MANIFEST_NAME and path.is_file() else path
-    manifest_path = folder / MANIFEST_NAME
-    if not folder.exists():
-        raise BundleError(f"{folder}: no such bundle folder")
-    if not folder.is_dir():
-        raise BundleError(f"{folder}: not a bundle folder (expected a folder with {MANIFEST_NAME})")
-    if not manifest_path.is_file():
-        raise BundleError(f"{folder}: has no {MANIFEST_NAME}; is this a bundle written by kws-export?")
     try:
-        text = manifest_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{manifest_path}: cannot be read ({exc}); copy the bundle again") from None
+        folder = path.parent if path.name == MANIFEST_NAME and path.is_file() else path
+        manifest_path = folder / MANIFEST_NAME
+        if not folder.exists():
+            raise BundleError(f"{folder}: no such bundle folder")
+        if not folder.is_dir():
+            raise BundleError(f"{folder}: not a bundle folder (expected a folder with {MANIFEST_NAME})")
+        if not manifest_path.is_file():
+            raise BundleError(f"{folder}: has no {MANIFEST_NAME}; is this a bundle written by kws-export?")
+        if not manifest_path.resolve().is_relative_to(folder.resolve()):
+            raise BundleError(f"{manifest_path}: is a link leading outside the bundle folder; refusing to read it")
+        with open(manifest_path, "rb") as stream:
+            raw = stream.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise BundleError(f"{getattr(exc, 'filename', None) or path}: cannot be read: {os_error_reason(exc)}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(
+            f"{manifest_path}: is larger than {MAX_MANIFEST_BYTES // 1024} KiB, far beyond any manifest kws-export "
+            "writes; refusing to parse it"
+        )
     try:
-        manifest = json.loads(text)
+        manifest = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{manifest_path}: is not UTF-8 text ({exc.reason}); copy the bundle again") from None
     except json.JSONDecodeError as exc:
         raise BundleError(
             f"{manifest_path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
             f"copy the bundle again or {_REEXPORT}"
         ) from None
+    except RecursionError:
+        raise BundleError(f"{manifest_path}: is nested too deeply to be a manifest; refusing to parse it") from None
     bundle = _parse(manifest, str(manifest_path), folder)
     if verify:
         for artifact in bundle.artifacts.values():
@@ -356,16 +364,16 @@ def _check_location(artifact: Artifact) -> None:
 
 
 def _verify_file(artifact: Artifact) -> None:
-    _check_location(artifact)
     path = artifact.path
-    size = path.stat().st_size
-    if size != artifact.size:
-        # Cheap check first: a truncated copy is the common case and needs no hashing.
-        _check_content(artifact, size, None)
     try:
+        _check_location(artifact)
+        size = path.stat().st_size
+        if size != artifact.size:
+            # Cheap check first: a truncated copy is the common case and needs no hashing.
+            _check_content(artifact, size, None)
         digest = file_sha256(path)
     except OSError as exc:
-        raise BundleError(f"{path}: cannot be read ({exc.strerror}); copy the bundle again") from None
+        raise BundleError(f"{path}: cannot be read: {os_error_reason(exc)} ({artifact.name}); copy the bundle again") from None
     _check_content(artifact, size, digest)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 
 from .audio import AUDIO_EXTENSIONS, AudioError, is_audio_file, load_audio
 from .bundle import Bundle, BundleError, load_bundle
+from .files import os_error_reason
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_USAGE = 0, 1, 2
 
@@ -121,22 +123,36 @@ def _predict(args) -> int:
 
 
 def _audio_files(paths: Sequence[str]) -> Iterator[tuple]:
-    """``(path, None)`` for each file to classify, ``(path, reason)`` for each unusable argument."""
+    """``(path, None)`` for each file to classify, ``(path, reason)`` for each unusable argument
+    and each folder on the way that cannot be read."""
     for arg in paths:
         path = Path(arg)
-        if path.is_dir():
-            found = sorted(
-                (Path(root) / name for root, _, names in os.walk(path) for name in names if is_audio_file(name)),
-                key=str,
-            )
-            if not found:
-                yield path, f"{path}: no audio files ({', '.join(sorted(AUDIO_EXTENSIONS))}) in this folder"
-            for file in found:
-                yield file, None
-        elif path.exists() or path.is_symlink():
+        try:
+            is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        except FileNotFoundError:
+            if os.path.islink(path):
+                yield path, None  # a dangling link: read_audio says so
+            else:
+                yield path, f"{path}: no such file or folder"
+            continue
+        except OSError as exc:
+            yield path, f"{path}: {os_error_reason(exc)}"
+            continue
+        if not is_dir:
             yield path, None  # named explicitly: tried whatever its extension
-        else:
-            yield path, f"{path}: no such file or folder"
+            continue
+        unreadable: list = []
+        found = sorted(
+            (Path(root) / name for root, _, names in os.walk(path, onerror=unreadable.append) for name in names
+             if is_audio_file(name)),
+            key=str,
+        )
+        for exc in unreadable:
+            yield Path(exc.filename or path), f"{exc.filename or path}: folder cannot be read: {os_error_reason(exc)}"
+        if not found and not unreadable:
+            yield path, f"{path}: no audio files ({', '.join(sorted(AUDIO_EXTENSIONS))}) in this folder"
+        for file in found:
+            yield file, None
 
 
 def _format(path, labels: Sequence[str], probs: np.ndarray, top_k: Optional[int], as_json: bool) -> str:

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .audio import fit_length, load_audio
+from .audio import check_samples, fit_length, load_audio
 from .bundle import Artifact, Bundle, BundleError, load_bundle
 from .features import log_mel
 
@@ -149,8 +149,9 @@ class Predictor:
             raise ValueError(f"{where}: a waveform must be floating point in [-1, 1], got {item.dtype}")
         if item.size == 0:
             raise ValueError(f"{where}: the waveform is empty")
-        if not np.isfinite(item).all():
-            raise ValueError(f"{where}: the waveform contains NaN or infinite samples")
+        problem = check_samples(item)
+        if problem:
+            raise ValueError(f"{where}: the waveform {problem}")
         return fit_length(item.astype(np.float32, copy=False), self.spec.clip_samples)
 
     def _predict_clips(self, clips: np.ndarray) -> list:

@@ -11,6 +11,10 @@ import math
 from typing import Any, Optional, Union
 
 SPEC_VERSION = 1
+# Bounds that keep a spec from a copied bundle from asking for absurd memory: no audio
+# format in use goes past 384 kHz, and a keyword clip is seconds long, not minutes.
+MAX_SAMPLE_RATE = 384_000
+MAX_CLIP_SECONDS = 60
 
 
 class SpecError(ValueError):
@@ -69,8 +73,19 @@ class FeatureSpec:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 bad(field, "must be a positive integer")
+        if self.sample_rate > MAX_SAMPLE_RATE:
+            bad("sample_rate", f"must be at most {MAX_SAMPLE_RATE} Hz")
+        if self.clip_samples > MAX_CLIP_SECONDS * self.sample_rate:
+            bad("clip_samples", f"must be at most {MAX_CLIP_SECONDS} s ({MAX_CLIP_SECONDS * self.sample_rate} samples)")
+        if self.center is False and self.clip_samples < self.n_fft:
+            bad("clip_samples", f"is shorter than n_fft={self.n_fft} and center is off: no frame fits")
+        for field in ("n_fft", "hop_length"):
+            if getattr(self, field) > self.clip_samples:
+                bad(field, f"must not exceed the clip length clip_samples={self.clip_samples}")
         if self.win_length > self.n_fft:
             bad("win_length", f"must not exceed n_fft={self.n_fft}")
+        if self.n_mels > self.n_fft // 2 + 1:
+            bad("n_mels", f"must not exceed the {self.n_fft // 2 + 1} frequency bins of n_fft={self.n_fft}")
         nyquist = self.sample_rate / 2
         if not _is_number(self.fmin) or not 0 <= self.fmin < nyquist:
             bad("fmin", f"must be in [0, {nyquist}) Hz")
@@ -94,8 +109,6 @@ class FeatureSpec:
             bad("top_db", "must be a non-negative number or None")
         if self.window != "hann":
             bad("window", "only 'hann' is supported")
-        if not self.center and self.clip_samples < self.n_fft:
-            bad("clip_samples", f"is shorter than n_fft={self.n_fft} and center is off: no frame fits")
 
     @property
     def f_max(self) -> float:

@@ -121,7 +121,7 @@ def test_each_broken_file_raises_audio_error_with_its_path(tmp_path):
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(AudioError, match=r"nowhere\.wav: no such file"):
         read_audio(tmp_path / "nowhere.wav")
-    with pytest.raises(AudioError, match="not a regular file"):
+    with pytest.raises(AudioError, match="is a folder, not an audio file"):
         read_audio(tmp_path)
 
 

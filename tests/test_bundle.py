@@ -152,7 +152,7 @@ def test_manifest_that_is_not_json_or_not_an_object(tmp_path):
     with pytest.raises(BundleError, match="must hold a JSON object, not list"):
         load_bundle(path)
     (path / "manifest.json").write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(BundleError, match="cannot be read"):
+    with pytest.raises(BundleError, match="is not UTF-8 text"):
         load_bundle(path)
 
 

@@ -111,6 +111,12 @@ BAD_VALUES = [
     ("hop_length", -160, "positive integer"),
     ("n_mels", "40", "positive integer"),
     ("win_length", 4096, "must not exceed n_fft=2048"),
+    # sizes a hostile bundle could use to make the reader allocate gigabytes
+    ("sample_rate", 10**9, "at most 384000 Hz"),
+    ("clip_samples", 10**12, "at most 60 s"),
+    ("n_fft", 1 << 30, "must not exceed the clip length"),
+    ("hop_length", 10**6, "must not exceed the clip length"),
+    ("n_mels", 100_000, "must not exceed the 1025 frequency bins"),
     ("fmin", -1.0, r"must be in \[0, 8000.0\)"),
     ("fmin", float("nan"), r"must be in \[0, 8000.0\)"),
     ("fmax", 9000.0, r"must be in \(fmin, 8000.0\]"),
