@@ -13,6 +13,7 @@ import json
 import sys
 
 from kws_runtime.audio import AudioError
+from kws_runtime.files import WriteError, os_error_reason
 
 from . import download as dl
 from .dataset import SPLITS, DatasetError, describe_dataset
@@ -101,7 +102,9 @@ def main(argv=None) -> int:
 
 
 def _one_line(exc: Exception) -> str:
-    text = str(exc) if not isinstance(exc, OSError) or not exc.filename else f"{exc.filename}: {exc.strerror}"
+    text = str(exc)
+    if isinstance(exc, OSError) and not isinstance(exc, WriteError) and exc.filename:
+        text = f"{exc.filename}: {os_error_reason(exc)}"
     return " ".join(text.split())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,21 @@ def test_download_from_a_mirror(tmp_path, real_data):
         server.files[dl.archive_info("0.02").filename] = data
         result = kws_data("download", "--out", tmp_path, "--base-url", server.url, "--no-progress")
         assert_one_line_error(result, f"expected {dl.archive_info('0.02').size}")
+
+
+def test_download_refuses_an_archive_with_a_link_in_one_line(tmp_path, real_data):
+    info = dl.archive_info("0.01", test_set=True)
+    link = tarfile.TarInfo("./yes/escape")
+    link.type, link.linkname = tarfile.SYMTYPE, "../../../etc"
+    data, _ = build_archive(real_data, extra=[(link, None)])
+    with LoopbackServer({info.filename: data}) as server:
+        result = kws_data(
+            "download", "--version", "0.01", "--test-set", "--out", tmp_path, "--base-url", server.url, "--no-progress"
+        )
+    assert result.returncode == 1
+    assert_one_line_error(result, "refused unsafe archive member './yes/escape': a symbolic link")
+    assert "unverified archive was deleted" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_download_out_must_be_a_folder(tmp_path, capsys):
