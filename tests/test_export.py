@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.backends.xnnpack
 
-from export import FORMATS, ExportError, LogMelGraph, LogMelReader, export_bundle
-from export.cli import main as export_main
+from kws_export import FORMATS, ExportError, LogMelGraph, LogMelReader, export_bundle
+from kws_export.cli import main as export_main
 from kws_runtime import FeatureSpec, log_mel
 from kws_runtime.bundle import load_bundle
 from kws_runtime.files import current_umask
@@ -327,8 +327,8 @@ def test_int8_settings_are_chosen_on_validation_clips(small, real_data, tmp_path
 
 
 def test_float_ends_keep_the_first_convolution_and_the_classifier_in_float(small, real_data, test_inputs, tmp_path):
-    from export import OnnxQuantConfig, TorchQuantConfig, quantize_onnx
-    from export.torchscript import quantize_qnnpack, quantized_engine, trace
+    from kws_export import OnnxQuantConfig, TorchQuantConfig, quantize_onnx
+    from kws_export.torchscript import quantize_qnnpack, quantized_engine, trace
 
     arch, ckpt, out, _ = small
     reader = LogMelReader(sorted((real_data / "up").glob("*.wav"))[:16], SPEC, batch_size=16)
@@ -363,7 +363,7 @@ def test_entropy_calibration_searches_thresholds(real_data, tmp_path):
     # threshold, so its "entropy" ranges are MinMax's; ours must differ.
     from onnx import numpy_helper
 
-    from export import OnnxQuantConfig, export_onnx, quantize_onnx
+    from kws_export import OnnxQuantConfig, export_onnx, quantize_onnx
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -385,7 +385,7 @@ def test_entropy_calibration_searches_thresholds(real_data, tmp_path):
 def test_compact_qdq_shrinks_the_graph_and_keeps_its_outputs(small, real_data, test_inputs, tmp_path):
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from export.quantize import compact_qdq
+    from kws_export.quantize import compact_qdq
 
     arch, ckpt, out, report = small
     reader = LogMelReader(sorted((real_data / "no").glob("*.wav"))[:16], SPEC, batch_size=16)
@@ -407,7 +407,7 @@ def test_compact_qdq_shrinks_the_graph_and_keeps_its_outputs(small, real_data, t
 
 @pytest.mark.parametrize("method", ["percentile"])
 def test_other_calibration_methods(small, real_data, test_inputs, tmp_path, method):
-    from export import OnnxQuantConfig, quantize_onnx
+    from kws_export import OnnxQuantConfig, quantize_onnx
 
     arch, ckpt, out, report = small
     clips = split_by_speaker(index_dataset(real_data), 0.1, 0.1, SALT)

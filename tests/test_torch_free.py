@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 
 from bundle_builders import LABELS, SEED, build_bundle
@@ -98,3 +99,37 @@ def test_runtime_imports_and_predicts_without_torch_librosa_thop(tmp_path):
     want = expected["onnx_fp32"](clips)
     assert [c["label"] for c in cli] == [LABELS[i] for i in want.argmax(axis=1)]
     assert "Traceback" not in result.stderr
+
+
+LAUNCH = textwrap.dedent(
+    """
+    import sys
+
+    for name in {blocked!r}:
+        sys.modules[name] = None  # what "import torch" sees when torch is absent
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == sys.argv[1]]
+    sys.argv = [script.name, *sys.argv[2:]]
+    sys.exit(script.load()())
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "command, args",
+    [("kws-train", ["profile"]), ("kws-data", ["stats", "{tmp}/data"]),
+     ("kws-export", ["{tmp}/best.pt", "--out", "{tmp}/bundle"])],
+)
+def test_training_commands_without_the_train_extra_say_which_extra_to_install(command, args, tmp_path):
+    # the installed entry points, as a runtime-only install (no torch, tqdm, eSpeak) would run them
+    child = LAUNCH.format(blocked=("torch", "tqdm", "librosa", "onnx", "matplotlib", "espeakng_loader"))
+    args = [a.format(tmp=tmp_path) for a in args]
+    (tmp_path / "data" / "yes").mkdir(parents=True)
+    soundfile.write(tmp_path / "data" / "yes" / "a_nohash_0.wav", np.zeros(SEED.clip_samples, np.float32), SEED.sample_rate)
+    result = subprocess.run([sys.executable, "-c", child, command, *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"{command}: error: ")
+    assert "is not installed" in result.stderr and "pip install 'kws-toolkit[train]'" in result.stderr

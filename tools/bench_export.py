@@ -31,8 +31,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from export import OnnxQuantConfig, export_bundle
-    from export.scorecard import EvalSet, median_latencies_ms, onnx_runner
+    from kws_export import OnnxQuantConfig, export_bundle
+    from kws_export.scorecard import EvalSet, median_latencies_ms, onnx_runner
 
     torch.set_num_threads(1)
     rows, runners, test = [], {}, None

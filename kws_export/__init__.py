@@ -1,0 +1,56 @@
+"""From a training checkpoint to deployable artifacts, verified and scored, in a model bundle.
+
+`export_bundle` writes TorchScript (float, lite, qnnpack int8), ONNX (fp32, onnxruntime int8,
+end-to-end waveform model) and a manifest the torch-free runtime reads; ``kws-export`` is its
+command line.
+"""
+
+import importlib
+
+# Where each public name lives. Loaded on first use, so that ``kws_export.console`` (the
+# ``kws-export`` entry point) imports without torch and can say which extra is missing.
+_MODULES = {
+    ".bundle": ("ARTIFACT_FILES", "FORMATS", "MIN_CALIBRATION_CLIPS", "ArtifactResult", "ExportError", "ExportReport",
+                "export_bundle"),
+    ".e2e": ("LogMelGraph", "WaveformClassifier", "export_e2e"),
+    ".onnx_export": ("check_onnx", "export_onnx", "onnx_session"),
+    ".quantize": ("LogMelReader", "OnnxQuantConfig", "QuantizationError", "quantize_onnx"),
+    ".torchscript": ("TorchQuantConfig", "quantize_qnnpack", "save_lite", "save_torchscript", "trace"),
+}
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'kws_export' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOME[name], __name__), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_HOME))
+
+
+__all__ = [
+    "ARTIFACT_FILES",
+    "ArtifactResult",
+    "ExportError",
+    "ExportReport",
+    "FORMATS",
+    "LogMelGraph",
+    "LogMelReader",
+    "MIN_CALIBRATION_CLIPS",
+    "OnnxQuantConfig",
+    "QuantizationError",
+    "TorchQuantConfig",
+    "WaveformClassifier",
+    "check_onnx",
+    "export_bundle",
+    "export_e2e",
+    "export_onnx",
+    "onnx_session",
+    "quantize_onnx",
+    "quantize_qnnpack",
+    "save_lite",
+    "save_torchscript",
+    "trace",
+]
