@@ -1,6 +1,6 @@
 """Model bundles: a folder holding ``manifest.json`` and the model files it lists.
 
-This module is the one definition of the manifest format. The export package writes bundles
+This module is the one definition of the manifest format. The exporter (kws_export) writes bundles
 with `write_manifest` and `file_sha256`; devices read them with `load_bundle`, which refuses a
 manifest it does not understand and any file whose size or sha256 differs from the manifest.
 
