@@ -3,9 +3,9 @@
     kws-export runs/resnet/best.pt --out bundles/resnet --data ../speech_commands
     kws-export best.pt --out bundle --calib DATA --test DATA --formats onnx_fp32 onnx_int8
 
-Exit status: 0 when every requested artifact was written and verified, 1 when some failed
-(the others are in the bundle), 2 when nothing could be exported (bad arguments, checkpoint,
-data or output folder).
+Exit status (`kws_runtime.exit_codes`): 0 when every requested artifact was written and
+verified, 1 when some failed (the others are in the bundle), 2 when nothing could be exported
+(bad arguments, checkpoint, data or output folder), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -14,16 +14,19 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from kws_runtime import exit_codes
+
 from .bundle import FORMATS, MIN_CALIBRATION_CLIPS, ExportError, export_bundle
+from .makers import ARTIFACTS
 from .quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, OnnxQuantConfig
 from .torchscript import TorchQuantConfig
 
+# --formats groups, from the artifact table: every kind, each family, fp32 and int8.
 GROUPS = {
     "all": FORMATS,
-    "onnx": ("onnx_fp32", "onnx_int8", "onnx_e2e"),
-    "torchscript": ("torchscript_fp32", "torchscript_lite", "torchscript_int8", "torchscript_int8_lite"),
-    "fp32": ("torchscript_fp32", "torchscript_lite", "onnx_fp32", "onnx_e2e"),
-    "int8": ("torchscript_int8", "torchscript_int8_lite", "onnx_int8"),
+    **{family: tuple(k.name for k in ARTIFACTS if k.family == family) for family in dict.fromkeys(k.family for k in ARTIFACTS)},
+    "fp32": tuple(k.name for k in ARTIFACTS if not k.int8),
+    "int8": tuple(k.name for k in ARTIFACTS if k.int8),
 }
 
 
@@ -124,10 +127,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     except (ExportError, OSError) as error:
         print(f"kws-export: error: {error}", file=sys.stderr)
-        return 2
+        return exit_codes.CANNOT_RUN
     except KeyboardInterrupt:
         print("kws-export: interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
     for result in report.artifacts.values():
         print(result.describe())
     if args.quiet:  # otherwise they were printed as they came
@@ -135,12 +138,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"warning: {warning}", file=sys.stderr)
     if report.manifest_path is None:
         print(f"kws-export: no artifact could be written to {report.out_dir}", file=sys.stderr)
-        return 2
+        return exit_codes.CANNOT_RUN
     if not report.ok:
         print(f"kws-export: wrote {report.out_dir} without {', '.join(report.failed)} (see above)", file=sys.stderr)
-        return 1
+        return exit_codes.SOME_FAILED
     print(f"wrote {report.manifest_path} ({len(report.artifacts)} artifacts)")
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

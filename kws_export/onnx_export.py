@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -23,7 +22,6 @@ __all__ = [
     "check_onnx",
     "export_onnx",
     "onnx_session",
-    "run_session",
 ]
 
 INPUT_NAME = "log_mel"
@@ -107,10 +105,3 @@ def onnx_session(path, threads: Optional[int] = None, providers: Optional[Sequen
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
-
-
-def run_session(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Run a one-input, one-output session over ``x`` in batches; returns the outputs stacked."""
-    name = session.get_inputs()[0].name
-    outputs = [session.run(None, {name: np.ascontiguousarray(x[i : i + batch_size])})[0] for i in range(0, len(x), batch_size)]
-    return np.concatenate(outputs)

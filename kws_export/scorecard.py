@@ -16,8 +16,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from kws_runtime.spec import FeatureSpec
 from kws_runtime.files import atomic_path, write_text_atomic
+from kws_runtime.spec import FeatureSpec
 
 from .quantize import LogMelReader
 
@@ -28,7 +28,6 @@ __all__ = [
     "agreement",
     "evaluate",
     "median_latencies_ms",
-    "median_latency_ms",
     "onnx_runner",
     "plot_scorecard",
     "scorecard_markdown",
@@ -179,11 +178,6 @@ def median_latencies_ms(runners: dict, data: EvalSet, runs: int = 50, warmup: in
                 if i >= warmup:
                     times[name].append(time.perf_counter() - start)
     return {name: float(np.median(t) * 1e3) for name, t in times.items()}
-
-
-def median_latency_ms(runner: Runner, data: EvalSet, runs: int = 50, warmup: int = 5) -> float:
-    """`median_latencies_ms` of one runner."""
-    return median_latencies_ms({"one": runner}, data, runs, warmup)["one"]
 
 
 @dataclasses.dataclass

@@ -1,0 +1,138 @@
+"""How an artifact is checked against the model it came from, and how an int8 setting is chosen.
+
+Float artifacts must match the eager model (`compare_float`). An int8 model is refused only
+when it disagrees with fp32 on half the clips (`check_int8`): that is a broken quantization
+(an overflowing range, a wrong engine), not rounding; smaller losses are the scorecard's
+business. Among int8 settings, `select` keeps the one whose outputs follow fp32 best.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .quantize import OnnxQuantConfig
+from .scorecard import agreement
+
+FLOAT_ATOL = 1e-4
+E2E_ATOL = 1e-4
+INT8_MIN_AGREEMENT = 0.5
+# An int8 candidate that flips at most this fraction of the fp32 decisions is kept without
+# trying the others (0.5 points: the accuracy budget for int8).
+SELECTION_TOLERANCE = 0.005
+
+
+class VerificationError(RuntimeError):
+    """An artifact was written but does not behave like the model it came from."""
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def batched(fn: Callable, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """``fn`` over ``x`` in batches, outputs concatenated."""
+    return np.concatenate([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def eager_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return batched(lambda b: model(torch.from_numpy(b)).numpy(), x)
+
+
+def compare_float(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> dict:
+    """Same top-1 everywhere and outputs within ``atol``; the figures for the manifest."""
+    diff = float(np.max(np.abs(got - want)))
+    same = agreement(got, want)
+    if not diff <= atol:
+        raise VerificationError(f"{name}: outputs differ from the eager model by up to {diff:.3g} (allowed {atol:g})")
+    if same < 1.0:
+        raise VerificationError(f"{name}: top-1 differs from the eager model on {100 * (1 - same):.2f}% of the clips")
+    return {"max_abs_diff": diff, "top1_identical": True}
+
+
+def check_int8(name: str, got: np.ndarray, fp32_logits: np.ndarray) -> dict:
+    agree = agreement(got, fp32_logits)
+    if agree < INT8_MIN_AGREEMENT:
+        raise VerificationError(
+            f"{name}: agrees with the fp32 model on only {100 * agree:.1f}% of the clips "
+            f"(at least {100 * INT8_MIN_AGREEMENT:.0f}% expected)"
+        )
+    return {"agreement_fp32": agree}
+
+
+def fidelity(outputs: np.ndarray, fp32_logits: np.ndarray) -> dict:
+    """How closely int8 outputs follow fp32 ones: top-1 agreement and mean KL(fp32 || int8) in nats.
+
+    Agreement is what the scorecard reports; the KL divergence also sees the changes that do
+    not flip a decision yet, so it separates settings that a few hundred clips cannot.
+    """
+    p, q = softmax(fp32_logits), softmax(outputs)
+    kl = np.sum(p * (np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12))), axis=1)
+    return {"agreement": agreement(outputs, fp32_logits), "kl": float(np.mean(kl))}
+
+
+def select(name: str, candidates: Sequence, build: Callable, outputs: Callable, reference: np.ndarray,
+           log: Callable, try_all: bool) -> tuple:
+    """Build candidates in order and keep the one whose outputs follow fp32 best.
+
+    ``build(config) -> artifact``, ``outputs(artifact) -> logits`` on the selection clips,
+    compared with ``reference`` (the fp32 logits). Stops at the first candidate that flips at
+    most `SELECTION_TOLERANCE` of the decisions, unless ``try_all``; of those tried, keeps
+    the one with the lowest KL divergence from fp32 (on a few hundred clips, one flipped
+    decision more or less is chance; the divergence over all clips and classes is not).
+
+    Returns:
+        (best artifact, best config, [{"config": ..., "selection_agreement": ..., "selection_kl": ...}, ...]).
+    """
+    best = None
+    tried = []
+    errors = []
+    for config in candidates:
+        try:
+            artifact = build(config)
+            score = fidelity(outputs(artifact), reference)
+        except Exception as exc:  # one failing setting should not stop the others
+            errors.append(f"{config.name}: {exc}")
+            tried.append({"config": config.to_dict(), "error": str(exc)})
+            log(f"  {name}: {config.name} failed: {exc}")
+            continue
+        tried.append({"config": config.to_dict(), "selection_agreement": score["agreement"], "selection_kl": score["kl"]})
+        log(f"  {name}: {config.name}: on the selection clips agreement with fp32 {100 * score['agreement']:.2f}%, "
+            f"KL {score['kl']:.2e}")
+        key = (-score["kl"], score["agreement"])
+        if best is None or key > best[2]:
+            best = (artifact, config, key)
+        if score["agreement"] >= 1.0 - SELECTION_TOLERANCE and not try_all:
+            break
+    if best is None:
+        raise RuntimeError("; ".join(errors))
+    return best[0], best[1], tried
+
+
+def candidates(first) -> list:
+    """The requested setting, then the alternatives tried when it loses too much accuracy:
+    the other weight granularity, reduced range, another activation calibration, and last
+    the requested setting with the first convolution and the classifier kept in float."""
+    out = [first]
+
+    def add(config):
+        if config.to_dict() not in [c.to_dict() for c in out]:
+            out.append(config)
+
+    add(dataclasses.replace(first, per_channel=not first.per_channel))
+    add(dataclasses.replace(first, reduce_range=not first.reduce_range))
+    if isinstance(first, OnnxQuantConfig):
+        # Not entropy: onnxruntime's entropy calibrator searches symmetric thresholds on a
+        # histogram centred at zero, which halves the resolution of ReLU outputs; on these
+        # models it flipped 5-10% of the decisions (it stays available on request).
+        add(dataclasses.replace(first, method="minmax" if first.method != "minmax" else "percentile"))
+    else:
+        add(dataclasses.replace(first, observer="minmax" if first.observer == "histogram" else "histogram"))
+    add(dataclasses.replace(first, float_ends=True))
+    return out
