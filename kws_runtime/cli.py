@@ -3,8 +3,8 @@
     kws predict BUNDLE PATH... [--top-k K] [--json] [--artifact NAME] [--threads N]
     kws info BUNDLE
 
-Exit status: 0 when every file was classified, 1 when some file could not be, 2 for a bad
-bundle or bad arguments.
+Exit status (`kws_runtime.exit_codes`, shared by all four commands): 0 when every file was
+classified, 1 when some file could not be, 2 for a bad bundle or bad arguments, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from .audio import AUDIO_EXTENSIONS, AudioError, is_audio_file, load_audio
 from .bundle import Bundle, BundleError, load_bundle
 from .files import os_error_reason
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_USAGE = 0, 1, 2
+from .exit_codes import CANNOT_RUN as EXIT_BAD_USAGE
+from .exit_codes import INTERRUPTED as EXIT_INTERRUPTED
+from .exit_codes import OK as EXIT_OK
+from .exit_codes import SOME_FAILED as EXIT_SOME_FAILED
 
 # Files decoded and classified together: one session run per group.
 _GROUP = 32
@@ -42,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kws: error: {exc}", file=sys.stderr)
         return EXIT_BAD_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (kws predict ... | head): stop quietly, as other tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)

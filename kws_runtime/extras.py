@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib
 import sys
 
+from . import exit_codes
+
 DISTRIBUTION = "kws-toolkit"
-EXIT_CANNOT_RUN = 2
 
 # Top-level modules each extra brings (import names, not package names).
 EXTRA_MODULES = {
@@ -42,4 +43,4 @@ def launch(module: str, prog: str) -> int:
             raise
         print(f"{prog}: error: {exc.name} is not installed; {prog} needs the '{extra}' extra: {install_hint(extra)}",
               file=sys.stderr)
-        return EXIT_CANNOT_RUN
+        return exit_codes.CANNOT_RUN

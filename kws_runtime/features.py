@@ -88,9 +88,8 @@ def _padded_length(n_samples: int, spec: FeatureSpec) -> int:
     return padded
 
 
-def _frames(padded: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+def _frames(padded: np.ndarray, spec: FeatureSpec, n_frames: int) -> np.ndarray:
     # A read-only strided view (..., frames, n_fft) over the padded audio, no copy.
-    n_frames = 1 + (padded.shape[-1] - spec.n_fft) // spec.hop_length
     step = padded.strides[-1]
     return np.lib.stride_tricks.as_strided(
         padded,
@@ -117,11 +116,11 @@ def power_spectrogram(audio, spec: FeatureSpec = _DEFAULT) -> np.ndarray:
         float64 array ``(clips, frames, n_fft // 2 + 1)`` (a leading axis even for one clip).
     """
     batch, _ = _as_batch(audio)
-    _padded_length(batch.shape[-1], spec)
-    spectrum = np.fft.rfft(_frames(_pad(batch, spec), spec) * _plan(spec).window, axis=-1)
-    if spec.power == 2.0:
-        return spectrum.real**2 + spectrum.imag**2
-    return np.abs(spectrum) ** spec.power
+    work = _workspace(spec, *batch.shape)
+    out = np.empty((len(batch), work.n_frames, spec.n_fft // 2 + 1))
+    for start, stop, spectrum in _stft_chunks(batch, spec, work):
+        out[start:stop] = spectrum.real**2 + spectrum.imag**2 if spec.power == 2.0 else np.abs(spectrum) ** spec.power
+    return out
 
 
 def power_to_db(mel_power, spec: FeatureSpec = _DEFAULT) -> np.ndarray:
@@ -172,23 +171,28 @@ def log_mel(audio, spec: FeatureSpec = _DEFAULT) -> np.ndarray:
 _CHUNK_BYTES = 1 << 20
 
 
-def _mel_power(batch: np.ndarray, spec: FeatureSpec) -> np.ndarray:
-    """Mel-band power ``(clips, frames, n_mels)`` float64, one chunk of clips at a time."""
+def _stft_chunks(batch: np.ndarray, spec: FeatureSpec, work: "_Workspace"):
+    """The one numpy STFT: ``(start, stop, spectrum)`` for each chunk of clips, the complex
+    spectrum ``(clips, frames, n_fft // 2 + 1)`` living in ``work`` until the next chunk."""
     n_clips, n_samples = batch.shape
-    work = _workspace(spec, n_clips, n_samples)
-    chunk, n_frames = work.chunk, work.n_frames
-    mel = np.zeros((n_clips, n_frames, spec.n_mels))
-    for start in range(0, n_clips, chunk):
-        stop = min(start + chunk, n_clips)
+    for start in range(0, n_clips, work.chunk):
+        stop = min(start + work.chunk, n_clips)
         count = stop - start
         if work.padded is not None:
             work.padded[:count, work.offset : work.offset + n_samples] = batch[start:stop]
             frames = work.frames[:count]
         else:
-            frames = _frames(_pad(batch[start:stop], spec), spec)
+            frames = _frames(_pad(batch[start:stop], spec), spec, work.n_frames)
         windowed = np.multiply(frames, work.window, out=work.windowed[:count])
-        spectrum = np.fft.rfft(windowed, axis=-1, out=work.spectrum[:count])
-        rows = count * n_frames
+        yield start, stop, np.fft.rfft(windowed, axis=-1, out=work.spectrum[:count])
+
+
+def _mel_power(batch: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """Mel-band power ``(clips, frames, n_mels)`` float64, one chunk of clips at a time."""
+    work = _workspace(spec, *batch.shape)
+    mel = np.zeros((len(batch), work.n_frames, spec.n_mels))
+    for start, stop, spectrum in _stft_chunks(batch, spec, work):
+        rows = (stop - start) * work.n_frames
         out = mel[start:stop].reshape(rows, spec.n_mels)
         if spec.power == 2.0:
             # re and im side by side; the filterbank blocks repeat each weight for both.
@@ -275,7 +279,7 @@ class _Workspace:
 
     def __init__(self, spec: FeatureSpec, n_clips: int, n_samples: int):
         padded_length = _padded_length(n_samples, spec)
-        self.n_frames = 1 + (padded_length - spec.n_fft) // spec.hop_length
+        self.n_frames = spec.frames_for(n_samples)
         self.max_chunk = max(1, _CHUNK_BYTES // (self.n_frames * spec.n_fft * 8))
         self.spec, self.n_samples, self.chunk = spec, n_samples, min(n_clips, self.max_chunk)
         plan = _plan(spec)
@@ -286,7 +290,7 @@ class _Workspace:
             # The zero padding is written once; each chunk only overwrites the middle.
             self.offset = spec.n_fft // 2
             self.padded = np.zeros((self.chunk, padded_length))
-            self.frames = _frames(self.padded, spec)
+            self.frames = _frames(self.padded, spec, self.n_frames)
         self.windowed = np.empty((self.chunk, self.n_frames, spec.n_fft))
         self.spectrum = np.empty((self.chunk, self.n_frames, spec.n_fft // 2 + 1), dtype=np.complex128)
 

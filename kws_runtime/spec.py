@@ -118,9 +118,15 @@ class FeatureSpec:
     @property
     def n_frames(self) -> int:
         """Frames per clip."""
-        if self.center:
-            return 1 + self.clip_samples // self.hop_length
-        return 1 + (self.clip_samples - self.n_fft) // self.hop_length
+        return self.frames_for(self.clip_samples)
+
+    def frames_for(self, n_samples: int) -> int:
+        """Frames of ``n_samples`` samples of audio, as librosa frames them (below 1: too short).
+
+        The one frame-count formula: the numpy, torch and ONNX feature code all use it.
+        """
+        padded = n_samples + (2 * (self.n_fft // 2) if self.center else 0)
+        return 1 + (padded - self.n_fft) // self.hop_length
 
     @property
     def shape(self) -> tuple:
@@ -151,19 +157,29 @@ class FeatureSpec:
 
     @classmethod
     def preset(cls, name: str) -> "FeatureSpec":
-        """A named configuration: ``"seed"`` (the default, 40 x 32) or ``"fine"`` (30 ms / 10 ms, 40 x 101)."""
-        try:
-            return PRESETS[name]
-        except KeyError:
-            raise SpecError(f"unknown feature preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        """A named configuration (`PRESETS`): ``"librosa"`` (the default spec, 40 x 32) or
+        ``"fine"`` (30 ms / 10 ms, 40 x 101); ``"seed"`` is accepted for ``"librosa"``."""
+        return PRESETS[canonical_preset(name)]
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def canonical_preset(name: str) -> str:
+    """The preset name for ``name`` or an accepted older spelling (`PRESET_ALIASES`)."""
+    name = PRESET_ALIASES.get(name, name)
+    if name not in PRESETS:
+        raise SpecError(f"unknown feature preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return name
+
+
 PRESETS = {
-    "seed": FeatureSpec(),
+    # librosa's melspectrogram defaults (2048-sample window and FFT, 512 hop): what the
+    # project's first models were trained on.
+    "librosa": FeatureSpec(),
     # 30 ms Hann window, 10 ms hop: the usual speech front end; 101 frames per second.
     "fine": FeatureSpec(n_fft=512, win_length=480, hop_length=160),
 }
+# The first name of the librosa preset, kept so that older command lines still work.
+PRESET_ALIASES = {"seed": "librosa"}

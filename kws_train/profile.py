@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kws_runtime import FeatureSpec
+from kws_runtime.spec import PRESETS, canonical_preset
 
 from .models import ARCHITECTURES, VARIANTS, build_model
 
@@ -52,7 +53,7 @@ def profile_model(model: nn.Module, input_shape: Sequence[int]) -> Tuple[int, in
 
 
 def profile_table(
-    feature_presets: Iterable[str] = ("seed", "fine"),
+    feature_presets: Iterable[str] = tuple(PRESETS),
     batch: int = 32,
     num_classes: int = 12,
     architectures: Iterable[str] = ARCHITECTURES,
@@ -63,11 +64,11 @@ def profile_table(
     Returns:
         One dict per (architecture, variant, preset): ``model``, ``variant``, ``preset``,
         ``input`` (``"40x32"``), ``params``, ``macs_per_clip``, ``batch`` and ``macs_per_batch``
-        (``macs_per_clip * batch``, the seed's batch-of-32 column).
+        (``macs_per_clip * batch``; 32 by default, the first models' training batch).
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    specs = [(name, FeatureSpec.preset(name)) for name in feature_presets]
+    specs = [(canonical_preset(name), FeatureSpec.preset(name)) for name in feature_presets]
     rows = []
     for architecture in architectures:
         for variant in variants:

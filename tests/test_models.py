@@ -209,8 +209,8 @@ def test_profile_table_rows_and_format(capsys):
     rows = profile_table(feature_presets=("seed", "fine"), architectures=["mobilenet_v2"], batch=32)
     assert capsys.readouterr().out == ""  # thop's own prints are swallowed
     assert [(r["variant"], r["preset"], r["input"]) for r in rows] == [
-        ("default", "seed", "40x32"), ("default", "fine", "40x101"),
-        ("seed", "seed", "40x32"), ("seed", "fine", "40x101"),
+        ("default", "librosa", "40x32"), ("default", "fine", "40x101"),
+        ("imagenet", "librosa", "40x32"), ("imagenet", "fine", "40x101"),
     ]
     for row in rows:
         assert row["params"] > 0 and row["macs_per_clip"] > 0

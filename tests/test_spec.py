@@ -16,14 +16,15 @@ def through_json(spec: FeatureSpec) -> FeatureSpec:
 
 
 def test_presets():
-    seed, fine = FeatureSpec.preset("seed"), FeatureSpec.preset("fine")
+    seed, fine = FeatureSpec.preset("librosa"), FeatureSpec.preset("fine")
+    assert FeatureSpec.preset("seed") == seed  # the preset's first name still works
     assert seed == FeatureSpec()
     assert (seed.n_fft, seed.win_length, seed.hop_length, seed.n_mels) == (2048, 2048, 512, 40)
     assert seed.shape == (40, 32) and seed.n_frames == 32
     assert (fine.n_fft, fine.win_length, fine.hop_length) == (512, 480, 160)
     assert fine.shape == (40, 101)
     assert seed.f_max == 8000.0
-    with pytest.raises(SpecError, match="unknown feature preset 'coarse'; choose one of seed, fine"):
+    with pytest.raises(SpecError, match="unknown feature preset 'coarse'; choose one of librosa, fine"):
         FeatureSpec.preset("coarse")
 
 

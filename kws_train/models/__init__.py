@@ -2,8 +2,9 @@
 
 Every model takes a log-mel batch ``(N, 1, n_mels, frames)`` and returns logits
 ``(N, num_classes)``, has QuantStub/DeQuantStub at its ends and a ``fuse_model()`` method for
-eager-mode post-training static quantization, and comes in two variants: ``"seed"`` (the
-ImageNet layout the project started from) and ``"default"`` (adapted to 40-band inputs).
+eager-mode post-training static quantization, and comes in two variants: ``"imagenet"`` (the
+ImageNet layout of the architecture's paper, where the project started) and ``"default"``
+(adapted to 40-band log-mel inputs). ``"seed"``, the first name of ``"imagenet"``, is accepted.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ __all__ = [
     "ResNet",
     "ShuffleNetV2",
     "VARIANTS",
+    "VARIANT_ALIASES",
+    "VARIANT_NAMES",
     "build_model",
     "canonical_architecture",
+    "canonical_variant",
     "mobilenet_v2",
     "resnet18",
     "shufflenet_v2_x0_5",
@@ -35,7 +39,9 @@ BUILDERS = {
     "shufflenet_v2_x0_5": shufflenet_v2_x0_5,
 }
 ARCHITECTURES = tuple(BUILDERS)
-VARIANTS = ("default", "seed")
+VARIANTS = ("default", "imagenet")
+VARIANT_ALIASES = {"seed": "imagenet"}
+VARIANT_NAMES = VARIANTS + tuple(VARIANT_ALIASES)
 # Short names accepted on the command line.
 ALIASES = {"resnet": "resnet18", "mobilenet": "mobilenet_v2", "shufflenet": "shufflenet_v2_x0_5"}
 
@@ -54,20 +60,31 @@ def canonical_architecture(name: str) -> str:
     raise ValueError(f"unknown architecture {name!r}; choose one of {choices}")
 
 
+def canonical_variant(name: str) -> str:
+    """The variant name for ``name`` or an accepted older spelling (`VARIANT_ALIASES`).
+
+    Raises:
+        ValueError: neither a variant nor an alias.
+    """
+    name = VARIANT_ALIASES.get(name, name)
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    return name
+
+
 def build_model(architecture: str, num_classes: int, variant: str = "default", in_channels: int = 1) -> nn.Module:
     """A freshly initialised model.
 
     Args:
         architecture: one of `ARCHITECTURES` or an alias (``"resnet"``, ``"mobilenet"``, ``"shufflenet"``).
         num_classes: output logits.
-        variant: ``"default"`` or ``"seed"``.
+        variant: ``"default"`` or ``"imagenet"`` (or an alias, `VARIANT_ALIASES`).
         in_channels: input planes (1 for a log-mel spectrogram).
 
     Raises:
         ValueError: unknown architecture or variant, or a bad class count.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown model variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    variant = canonical_variant(variant)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     return BUILDERS[canonical_architecture(architecture)](num_classes=num_classes, in_channels=in_channels, variant=variant)

@@ -1,21 +1,19 @@
 """MobileNetV2 for log-mel spectrograms, ready for eager-mode post-training static quantization.
 
-Input ``(N, in_channels, n_mels, frames)``, output logits ``(N, num_classes)``. ReLU replaces
-ReLU6 so every convolution, batch norm and ReLU fuse into one quantized op.
+Sandler, Howard, Zhu, Zhmoginov and Chen, "MobileNetV2: Inverted Residuals and Linear
+Bottlenecks", CVPR 2018 (arXiv:1801.04381): the paper's table 2 of inverted residual blocks
+(1x1 expansion, 3x3 depthwise, linear 1x1 projection, shortcut when shapes allow), a 1x1
+convolution to 1280 channels, average pooling and one linear classifier. ReLU replaces ReLU6
+so every convolution, batch norm and ReLU fuse into one quantized op.
 
-Two variants:
+Input ``(N, in_channels, n_mels, frames)``, output logits ``(N, num_classes)``. Two variants:
 
-* ``"seed"``: width multiplier 1/32 with a stride-2 3x3 stem and the ImageNet stage strides
-  (overall stride 32). As in the reference definition the last 1x1 convolution keeps 1280
-  channels for multipliers below 1 (``1280 * max(1, width)``): with 8 channels everywhere else
-  it holds most of the seed's 0.06 M parameters for 12 classes (scaling it to 40 channels
-  would give 0.02 M).
-* ``"default"``: the standard width (1.0) with a stride-1 stem, so the stem and the first
-  depthwise convolution see every mel band and frame; the first bottleneck takes the first
-  stride 2. The stride-2 of the 160-channel stage is dropped, so the overall stride is 16
-  (a 40 x 32 input ends at 3 x 2 instead of 2 x 1). Keeping the stride-1 stem *and* the
-  ImageNet strides after it would double the cost (113 M instead of 58 M MACs per 40 x 101
-  clip, 3.7x slower to train on a CPU) for the same final resolution.
+* ``"imagenet"``: width multiplier 1/32 with the paper's stride-2 stem and stage strides
+  (overall stride 32); as in the reference definition the last 1x1 convolution keeps 1280
+  channels for multipliers below 1.
+* ``"default"``: width 1.0 with a stride-1 stem, and no stride 2 in the 160-channel stage
+  (overall stride 16): a 40 x 32 input ends at 3 x 2. 58 M MACs per 40 x 101 clip.
+  Measurements behind the layout: docs/models.md.
 """
 
 from __future__ import annotations
@@ -153,7 +151,7 @@ class MobileNetV2(nn.Module):
 
 
 VARIANTS = {
-    "seed": dict(width_mult=1 / 32, stem_stride=2, strides=IMAGENET_STRIDES),
+    "imagenet": dict(width_mult=1 / 32, stem_stride=2, strides=IMAGENET_STRIDES),
     "default": dict(width_mult=1.0, stem_stride=1, strides=DEFAULT_STRIDES),
 }
 
@@ -164,7 +162,7 @@ def mobilenet_v2(num_classes: int = 12, in_channels: int = 1, variant: str = "de
     Args:
         num_classes: output logits.
         in_channels: input planes (1 for a log-mel spectrogram).
-        variant: ``"default"`` (width 1.0, stride-1 stem) or ``"seed"`` (width 1/32, stride-2 stem).
+        variant: ``"default"`` (width 1.0, stride-1 stem) or ``"imagenet"`` (width 1/32, stride-2 stem).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown mobilenet_v2 variant {variant!r}; choose one of {', '.join(VARIANTS)}")

@@ -1,19 +1,16 @@
 """ResNet-18 for log-mel spectrograms, ready for eager-mode post-training static quantization.
 
-Input ``(N, in_channels, n_mels, frames)``, output logits ``(N, num_classes)``.
+He, Zhang, Ren and Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
+(arXiv:1512.03385): basic blocks of two 3x3 convolutions with identity shortcuts, stages
+2-2-2-2 of widths 64-128-256-512, global average pooling and one linear classifier.
 
-Two variants:
+Input ``(N, in_channels, n_mels, frames)``, output logits ``(N, num_classes)``. Two variants:
 
-* ``"seed"``: the ImageNet layout (7x7 stride-2 stem, 3x3 stride-2 max-pool, stride-2 stages
-  2-4). On a 40 x 32 input the last stage sees a 2 x 1 map.
-* ``"default"``: 3x3 stride-2 stem without a max-pool, stage 1 at half the input resolution
-  and stride 2 at the start of stages 2-4: overall stride 16 instead of 32, so a 40 x 101
-  input ends at a 3 x 7 map (the seed: 2 x 4), and the 40 mel bands are not cut to 10 before
-  the first residual block. The reduction is learned (strided convolutions), not max-pooled.
-  The price is compute: stage 1 spends ~147 k MACs per position, so the model costs 602 M
-  MACs per 40 x 101 clip and 182 M per 40 x 32 clip, 3.2-3.4x the seed's. A layout at the
-  seed's cost (stage 1 at 1/4 resolution, 186 M MACs) only tied the seed on 40 x 101
-  features; the README's accuracy table has both.
+* ``"imagenet"``: the paper's layout: 7x7 stride-2 stem, 3x3 stride-2 max-pool, stride 2 at
+  the start of stages 2-4 (overall stride 32); a 40 x 32 input ends at a 2 x 1 map.
+* ``"default"``: a 3x3 stride-2 stem without max-pool, stage 1 at half the input resolution,
+  stride 2 at the start of stages 2-4 (overall stride 16): a 40 x 101 input ends at 3 x 7.
+  602 M MACs per 40 x 101 clip. Measurements behind the layout: docs/models.md.
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ from torch.ao.quantization import DeQuantStub, QuantStub, fuse_modules
 
 Stride = Tuple[int, int]
 
-__all__ = ["BasicBlock", "ResNet", "resnet18", "SEED_CONFIG", "DEFAULT_CONFIG"]
+__all__ = ["BasicBlock", "ResNet", "resnet18", "IMAGENET_CONFIG", "DEFAULT_CONFIG"]
 
 
 class BasicBlock(nn.Module):
@@ -63,7 +60,7 @@ class BasicBlock(nn.Module):
 
 
 # (stem, stage strides). stem "imagenet": 7x7/2 conv + 3x3/2 max-pool; (k, s): a k x k conv of stride s.
-SEED_CONFIG = {"stem": "imagenet", "strides": ((1, 1), (2, 2), (2, 2), (2, 2))}
+IMAGENET_CONFIG = {"stem": "imagenet", "strides": ((1, 1), (2, 2), (2, 2), (2, 2))}
 DEFAULT_CONFIG = {"stem": (3, (2, 2)), "strides": ((1, 1), (2, 2), (2, 2), (2, 2))}
 
 WIDTHS = (64, 128, 256, 512)
@@ -78,7 +75,7 @@ class ResNet(nn.Module):
         num_classes: int = 12,
         in_channels: int = 1,
         stem="imagenet",
-        strides: Sequence[Stride] = SEED_CONFIG["strides"],
+        strides: Sequence[Stride] = IMAGENET_CONFIG["strides"],
         blocks: Sequence[int] = BLOCKS,
         widths: Sequence[int] = WIDTHS,
     ):
@@ -139,10 +136,10 @@ def resnet18(num_classes: int = 12, in_channels: int = 1, variant: str = "defaul
     Args:
         num_classes: output logits.
         in_channels: input planes (1 for a log-mel spectrogram).
-        variant: ``"default"`` (3x3 stride-2 stem, no max-pool, overall stride 16) or ``"seed"``
-            (ImageNet stem, overall stride 32).
+        variant: ``"default"`` (3x3 stride-2 stem, no max-pool, overall stride 16) or
+            ``"imagenet"`` (the paper's stem, overall stride 32).
     """
-    configs = {"seed": SEED_CONFIG, "default": DEFAULT_CONFIG}
+    configs = {"imagenet": IMAGENET_CONFIG, "default": DEFAULT_CONFIG}
     if variant not in configs:
         raise ValueError(f"unknown resnet18 variant {variant!r}; choose one of {', '.join(configs)}")
     return ResNet(num_classes, in_channels, **configs[variant])

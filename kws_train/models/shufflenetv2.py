@@ -1,16 +1,18 @@
 """ShuffleNetV2 0.5x for log-mel spectrograms, ready for eager-mode post-training static quantization.
 
-Input ``(N, in_channels, n_mels, frames)``, output logits ``(N, num_classes)``. The branch
-concatenation goes through ``FloatFunctional.cat`` and the channel shuffle only reshapes and
-transposes, so the quantized model runs the same graph.
+Ma, Zhang, Zheng and Sun, "ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture
+Design", ECCV 2018 (arXiv:1807.11164): units that split the channels in two, transform one half
+(1x1, 3x3 depthwise, 1x1) and shuffle them together again; stages of 4-8-4 units with widths
+48-96-192 at 0.5x, a 1x1 convolution to 1024 channels, pooling and one linear classifier.
+The branch concatenation goes through ``FloatFunctional.cat`` and the channel shuffle only
+reshapes and transposes, so the quantized model runs the same graph.
 
-Two variants:
+Input ``(N, in_channels, n_mels, frames)``, output logits ``(N, num_classes)``. Two variants:
 
-* ``"seed"``: the ImageNet layout (3x3 stride-2 stem, 3x3 stride-2 max-pool, three stride-2
-  stages: overall stride 32). A 40 x 32 input reaches stage 2 as 10 x 8 and ends at 2 x 1.
+* ``"imagenet"``: the paper's layout (3x3 stride-2 stem, 3x3 stride-2 max-pool, three stride-2
+  stages: overall stride 32); a 40 x 32 input ends at 2 x 1.
 * ``"default"``: a 3x3 stride-1 stem and no max-pool, so the first downsampling is the learned
-  stride-2 unit that opens stage 2; overall stride 8. ShuffleNetV2 is cheap enough per
-  position that this stays far below ResNet-18.
+  stride-2 unit that opens stage 2 (overall stride 8).
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class ShuffleNetV2(nn.Module):
 
 
 VARIANTS = {
-    "seed": dict(stem_stride=2, max_pool=True),
+    "imagenet": dict(stem_stride=2, max_pool=True),
     "default": dict(stem_stride=1, max_pool=False),
 }
 
@@ -150,7 +152,7 @@ def shufflenet_v2_x0_5(num_classes: int = 12, in_channels: int = 1, variant: str
     Args:
         num_classes: output logits.
         in_channels: input planes (1 for a log-mel spectrogram).
-        variant: ``"default"`` (stride-1 stem, no max-pool) or ``"seed"`` (ImageNet stem and max-pool).
+        variant: ``"default"`` (stride-1 stem, no max-pool) or ``"imagenet"`` (the paper's stem and max-pool).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown shufflenet_v2_x0_5 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
