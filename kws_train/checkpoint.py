@@ -19,18 +19,24 @@ import dataclasses
 import io
 import os
 import pickle
+import random
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from kws_runtime import FeatureSpec, SpecError
 from kws_runtime.files import write_bytes_atomic
 
-from .models import build_model, canonical_architecture
+from .models import build_model, canonical_architecture, canonical_variant
+from .recipe import recipe_from_config
 
-__all__ = ["Checkpoint", "CheckpointError", "FORMAT", "FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Checkpoint", "CheckpointError", "FORMAT", "FORMAT_VERSION", "ResumeState", "capture_rng_state", "load_checkpoint",
+    "restore_rng_state", "save_checkpoint",
+]
 
 FORMAT = "kws-checkpoint"
 FORMAT_VERSION = 1
@@ -54,6 +60,11 @@ class Checkpoint:
     config: dict
     extra: dict
     path: Optional[Path] = None
+
+    @property
+    def recipe(self):
+        """The run's `kws_train.recipe.RunRecipe` (converted for checkpoints older than recipes)."""
+        return recipe_from_config(self.config, self.spec, self.labels)
 
 
 # Leaf types torch.load(weights_only=True) rebuilds; exact types, so numpy scalars
@@ -244,10 +255,10 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Checkpoint:
         raise CheckpointError(f"{path}: bad feature spec: {error}") from None
     try:
         architecture = canonical_architecture(payload["architecture"])
-        model = build_model(architecture, len(labels), payload["variant"])
+        variant = canonical_variant(payload["variant"])
+        model = build_model(architecture, len(labels), variant)
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from None
-    variant = payload["variant"]
     _check_state_dict(payload["state_dict"], model, str(path), f"{architecture} ({variant}) with {len(labels)} classes")
     model.load_state_dict(payload["state_dict"], strict=True)
     if isinstance(map_location, (str, torch.device)):
@@ -264,3 +275,89 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Checkpoint:
         extra=payload["extra"],
         path=path,
     )
+
+
+# ------------------------------------------------------------------------------ resume state
+
+
+@dataclasses.dataclass
+class ResumeState:
+    """What ``last.pt`` holds beyond the weights, so that a run continues exactly: stored as
+    the checkpoint's ``extra``.
+
+    Attributes:
+        epoch: epochs finished.
+        best_val_accuracy, best_epoch: of the run so far.
+        history: the per-epoch metric rows.
+        optimizer, scheduler, scaler: their ``state_dict()`` (the scheduler's lambda is rebuilt
+            from the config, so it is stored as None).
+        rng: `capture_rng_state` output.
+    """
+
+    epoch: int
+    best_val_accuracy: float
+    best_epoch: int
+    history: list
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+    rng: dict
+
+    def to_extra(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_extra(cls, extra: dict, path) -> "ResumeState":
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in extra]
+        if "optimizer" in missing or "epoch" in missing:
+            raise CheckpointError(f"{path}: holds no training state to resume from (use last.pt of a run)")
+        if missing:
+            raise CheckpointError(f"{path}: its training state lacks {', '.join(missing)}; it cannot be resumed")
+        return cls(
+            epoch=int(extra["epoch"]), best_val_accuracy=float(extra["best_val_accuracy"]),
+            best_epoch=int(extra["best_epoch"]), history=list(extra["history"]), optimizer=extra["optimizer"],
+            scheduler=extra["scheduler"], scaler=extra["scaler"], rng=extra["rng"],
+        )
+
+
+def capture_rng_state() -> dict:
+    """Every global generator a run draws from (torch, CUDA, numpy, Python) as plain data."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back what `capture_rng_state` captured (CUDA only with the same device count)."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+    random.setstate(_python_state_from_plain(state["python"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# weights_only loading rebuilds tensors, lists and numbers, not numpy arrays or tuples with
+# arrays inside: the generators' states are stored in those terms.
+def _numpy_state_to_plain(state) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_plain(d: dict):
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+def _python_state_to_plain(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_state_from_plain(state) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

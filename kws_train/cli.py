@@ -12,65 +12,79 @@ Under ``torchrun --nproc_per_node N -m kws_train.cli ...`` training runs data-pa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from kws_runtime import exit_codes
+
 PROG = "kws-train"
 SUBCOMMANDS = ("eval", "profile")
-MODEL_CHOICES = ("resnet", "mobilenet", "shufflenet", "resnet18", "mobilenet_v2", "shufflenet_v2_x0_5")
-DEFAULT_MODEL = "resnet18"
-DEFAULT_FEATURES = "fine"
 
 
 class CliError(Exception):
-    """A problem with the command line or its inputs: printed as one line, exit status 1."""
+    """A problem with the command line or its inputs: printed as one line, exit status 2."""
 
 
 def _train_parser() -> argparse.ArgumentParser:
+    # Defaults and choices come from the library's dataclasses and constants, never restated.
+    from kws_runtime.spec import PRESET_ALIASES, PRESETS
+
+    from .dataset import TASKS
+    from .models import ALIASES, ARCHITECTURES, VARIANT_NAMES
+    from .trainer import AMP_MODES, BALANCING, DEFAULT_LR, OPTIMIZERS, TrainConfig
+
+    default = TrainConfig.__dataclass_fields__
+    model = default["architecture"].default
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Train a keyword-spotting model (-t), or label audio files with one (without -t). "
         f"Subcommands: '{PROG} eval CKPT DATA' and '{PROG} profile' (see '{PROG} eval -h').",
     )
-    p.add_argument("-m", "--model", choices=MODEL_CHOICES, default=DEFAULT_MODEL, metavar="MODEL",
-                   help=f"resnet, mobilenet, shufflenet (or resnet18, mobilenet_v2, shufflenet_v2_x0_5; default {DEFAULT_MODEL})")
+    p.add_argument("-m", "--model", choices=tuple(ALIASES) + ARCHITECTURES, default=model, metavar="MODEL",
+                   help=f"{', '.join(ALIASES)} (or {', '.join(ARCHITECTURES)}; default {model})")
     p.add_argument("-d", "--data", metavar="PATH",
                    help="training: a Speech Commands folder; prediction: an audio file or a folder of them")
     p.add_argument("-t", "--train", action="store_true", help="train (otherwise predict the audio files in -d)")
-    p.add_argument("-e", "--epochs", type=int, default=30, metavar="N", help="epochs (default 30)")
-    p.add_argument("-b", "--batch-size", type=int, default=128, metavar="N", help="clips per step and GPU (default 128)")
+    p.add_argument("-e", "--epochs", type=int, default=default["epochs"].default, metavar="N",
+                   help=f"epochs (default {default['epochs'].default})")
+    p.add_argument("-b", "--batch-size", type=int, default=default["batch_size"].default, metavar="N",
+                   help=f"clips per step and GPU (default {default['batch_size'].default})")
     p.add_argument("-g", "--gpu", action="store_true", help="use the GPU (an error if there is none)")
     p.add_argument("-s", "--save", action="store_true",
                    help="also copy best.pt to the model's default weights file (WEIGHTS_DIR/<architecture>.pt)")
-    p.add_argument("--task", choices=("12", "35"), default="12", help="12 (10 words + silence + unknown) or 35 words")
-    p.add_argument("--features", choices=("seed", "fine"), default=DEFAULT_FEATURES,
-                   help=f"feature preset: fine (30 ms / 10 ms, 40x101) or seed (40x32) (default {DEFAULT_FEATURES})")
-    p.add_argument("--variant", choices=("default", "seed"), default="default", help="model variant (default: default)")
-    p.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 2e-3 AdamW, 0.05 SGD)")
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    p.add_argument("--weight-decay", type=float, default=0.01, metavar="WD")
-    p.add_argument("--warmup", type=float, default=1.0, metavar="EPOCHS", help="linear warm-up epochs (default 1)")
-    p.add_argument("--label-smoothing", type=float, default=0.1, metavar="E")
-    p.add_argument("--balance", choices=("loss", "sampler", "none"), default="loss",
-                   help="class balancing: loss weights, a balanced sampler, or none (default loss)")
+    p.add_argument("--task", choices=TASKS, default=default["task"].default,
+                   help="12 (10 words + silence + unknown) or 35 words")
+    p.add_argument("--features", choices=tuple(PRESETS) + tuple(PRESET_ALIASES), default=default["features"].default,
+                   help="feature preset: fine (30 ms / 10 ms, 40x101) or librosa (librosa's default 2048/512 framing, "
+                   f"40x32; 'seed' is accepted for it) (default {default['features'].default})")
+    p.add_argument("--variant", choices=VARIANT_NAMES, default=default["variant"].default,
+                   help="model variant: default (adapted to 40-band log-mel inputs) or imagenet (the original ImageNet "
+                   f"layout; 'seed' is accepted for it) (default {default['variant'].default})")
+    p.add_argument("--lr", type=float, metavar="LR",
+                   help="peak learning rate (default " + ", ".join(f"{v:g} {k}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=default["optimizer"].default)
+    p.add_argument("--weight-decay", type=float, default=default["weight_decay"].default, metavar="WD")
+    p.add_argument("--warmup", type=float, default=default["warmup_epochs"].default, metavar="EPOCHS",
+                   help=f"linear warm-up epochs (default {default['warmup_epochs'].default:g})")
+    p.add_argument("--label-smoothing", type=float, default=default["label_smoothing"].default, metavar="E")
+    p.add_argument("--balance", choices=BALANCING, default=default["balance"].default,
+                   help=f"class balancing: loss weights, a balanced sampler, or none (default {default['balance'].default})")
     p.add_argument("--no-augment", action="store_true", help="no time shift, noise, gain or SpecAugment")
-    p.add_argument("--split", choices=("dataset", "speaker"), default="dataset",
-                   help="dataset: its lists or hash rule; speaker: re-split speakers with --salt (default dataset)")
-    p.add_argument("--salt", default="", help="salt of --split speaker")
-    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="--split speaker: validation share")
-    p.add_argument("--test-fraction", type=float, default=0.1, metavar="F", help="--split speaker: test share")
+    _add_split_options(p)
     p.add_argument("--extra-train", action="append", default=[], metavar="DIR",
                    help="another dataset (e.g. from 'kws-data synth') whose clips all join the training split; repeatable")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/<architecture>-<variant>-<features>)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
                    help="continue an interrupted run from --out's last.pt (or CKPT)")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop this run after N epochs (resume later)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
-                   help="mixed precision: auto (bf16 or fp16 on GPUs, off on CPUs), off, bf16, fp16 (default auto)")
+    p.add_argument("--seed", type=int, default=default["seed"].default)
+    p.add_argument("--amp", choices=AMP_MODES, default=default["amp"].default,
+                   help="mixed precision: auto (bf16 or fp16 on GPUs, off on CPUs), off, bf16, fp16 "
+                   f"(default {default['amp'].default})")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cache-dir", metavar="DIR", help="decoded-audio caches (default: --out's parent/cache)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
@@ -81,17 +95,30 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_split_options(p: argparse.ArgumentParser) -> None:
+    from .recipe import SPLIT_METHODS, SplitRule, default_of
+
+    method = default_of(SplitRule, "method")
+    p.add_argument("--split", choices=SPLIT_METHODS, default=method,
+                   help=f"dataset: its lists or hash rule; speaker: re-split speakers with --salt (default {method})")
+    p.add_argument("--salt", default=default_of(SplitRule, "salt"), help="salt of --split speaker")
+    for flag, field in (("--val-fraction", "validation_fraction"), ("--test-fraction", "testing_fraction")):
+        value = default_of(SplitRule, field)
+        p.add_argument(flag, type=float, default=value, metavar="F",
+                       help=f"--split speaker: {field.split('_')[0]} share of the speakers (default {value:g})")
+
+
 def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"{PROG} eval", description="Accuracy, per-class figures and confusion matrix of a checkpoint.")
     p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint (best.pt, last.pt or a weights file)")
     p.add_argument("data", metavar="DATA", help="a Speech Commands folder")
     p.add_argument("--split", choices=("auto", "testing", "validation", "training", "all"), default="auto",
                    help="which clips: testing, validation, training, all; auto (default): every clip of the "
-                   "official test archive (a folder with _unknown_/), else testing")
-    p.add_argument("--salt", help="re-split by speaker with this salt first; with a run's --salt and fractions "
-                   "this scores exactly the clips that run held out")
-    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F")
-    p.add_argument("--test-fraction", type=float, default=0.1, metavar="F")
+                   "official test archive (a folder with _unknown_/), else testing. The split is composed with the "
+                   "checkpoint's own recipe (split rule, salt, shares, seed) unless --salt says otherwise")
+    p.add_argument("--salt", help="re-split by speaker with this salt instead of the run's split")
+    p.add_argument("--val-fraction", type=float, metavar="F", help="with --salt: validation share (default the run's)")
+    p.add_argument("--test-fraction", type=float, metavar="F", help="with --salt: testing share (default the run's)")
     p.add_argument("-b", "--batch-size", type=int, default=256, metavar="N")
     p.add_argument("-g", "--gpu", action="store_true", help="use the GPU (an error if there is none)")
     p.add_argument("--plot", metavar="PNG", help="also write the confusion matrix as a PNG")
@@ -100,8 +127,10 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 def _profile_parser() -> argparse.ArgumentParser:
+    from kws_runtime.spec import PRESET_ALIASES, PRESETS
+
     p = argparse.ArgumentParser(prog=f"{PROG} profile", description="Parameters and multiply-accumulates of every model.")
-    p.add_argument("--features", nargs="+", choices=("seed", "fine"), default=["seed", "fine"])
+    p.add_argument("--features", nargs="+", choices=tuple(PRESETS) + tuple(PRESET_ALIASES), default=list(PRESETS))
     p.add_argument("--batch", type=int, default=32, help="batch for the MACs-per-batch column (default 32)")
     p.add_argument("--classes", type=int, default=12)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -190,6 +219,7 @@ def _run_predict(args) -> int:
 
 
 def _run_eval(argv) -> int:
+    from .checkpoint import load_checkpoint
     from .evaluate import evaluate_checkpoint, format_report
     from .plots import plot_confusion_matrix
 
@@ -200,16 +230,29 @@ def _run_eval(argv) -> int:
         raise CliError(f"{args.checkpoint}: no such checkpoint file")
     if not Path(args.data).is_dir():
         raise CliError(f"{args.data}: no such folder (expected a Speech Commands dataset)")
-    result = evaluate_checkpoint(
-        args.checkpoint, args.data, split=args.split, salt=args.salt, validation_fraction=args.val_fraction,
-        testing_fraction=args.test_fraction, batch_size=args.batch_size, device=device,
-        progress=not args.json and sys.stderr.isatty(),
-    )
+    ckpt = load_checkpoint(args.checkpoint)
+    result = evaluate_checkpoint(ckpt, args.data, split=args.split, recipe=_eval_recipe(ckpt.recipe, args),
+                                 batch_size=args.batch_size, device=device, progress=not args.json and sys.stderr.isatty())
     if args.plot:
         plot_confusion_matrix(result.confusion, result.labels, args.plot,
                               title=f"{Path(args.checkpoint).name}, {args.split}: {100 * result.accuracy:.1f}%")
     print(json.dumps(result.to_dict(), indent=1) if args.json else format_report(result))
     return 0
+
+
+def _eval_recipe(recipe, args):
+    """The checkpoint's recipe, re-split by speaker when --salt asks for it."""
+    if args.salt is None:
+        if args.val_fraction is not None or args.test_fraction is not None:
+            raise CliError("--val-fraction and --test-fraction go with --salt (a split by speaker)")
+        return recipe
+    from .recipe import SplitRule
+
+    rule = recipe.split
+    split = SplitRule("speaker", args.salt,
+                      rule.validation_fraction if args.val_fraction is None else args.val_fraction,
+                      rule.testing_fraction if args.test_fraction is None else args.test_fraction)
+    return dataclasses.replace(recipe, split=split)
 
 
 def _run_profile(argv) -> int:
@@ -236,14 +279,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CliError as error:
         return _fail(str(error))
     except KeyboardInterrupt:
-        return _fail("interrupted", status=130)
+        return _fail("interrupted", status=exit_codes.INTERRUPTED)
     except (ValueError, OSError, RuntimeError) as error:
         # DatasetError, CheckpointError, AudioError, SpecError, CacheError, TrainError, ...: their
         # messages already name the file and the fix; a traceback would only bury them.
         return _fail(str(error) or type(error).__name__)
 
 
-def _fail(message: str, status: int = 1) -> int:
+def _fail(message: str, status: int = exit_codes.CANNOT_RUN) -> int:
     line = " ".join(message.split())
     print(f"{PROG}: error: {line}", file=sys.stderr)
     return status

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from kws_runtime import exit_codes
 from kws_runtime.audio import AudioError
 from kws_runtime.files import WriteError, os_error_reason
 
@@ -95,10 +96,10 @@ def main(argv=None) -> int:
         return args.func(args)
     except (dl.DownloadError, DatasetError, SynthError, AudioError, OSError) as exc:
         print(f"kws-data {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return exit_codes.CANNOT_RUN
     except KeyboardInterrupt:
         print(f"kws-data {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
 
 
 def _one_line(exc: Exception) -> str:

@@ -16,7 +16,7 @@ import hashlib
 import math
 import re
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -115,23 +115,24 @@ def speaker_of(path) -> str:
     return prefix.rsplit("_", 1)[-1]
 
 
-def which_set(filename, validation_percentage: float = 10.0, testing_percentage: float = 10.0) -> str:
+def which_set(filename, validation_fraction: float = 0.1, testing_fraction: float = 0.1) -> str:
     """The dataset's own split rule (TensorFlow speech_commands ``which_set``).
 
     SHA-1 of the file name up to ``_nohash_``, as an integer modulo 2**27, scaled to a
-    percentage: below ``validation_percentage`` -> validation, below the sum -> testing.
+    percentage (TensorFlow's unit): below ``100 * validation_fraction`` -> validation, below
+    the sum -> testing.
     """
     hash_name = _NOHASH_RE.sub("", Path(filename).name)
     value = int(hashlib.sha1(hash_name.encode("utf-8")).hexdigest(), 16)
     percentage = (value % (_MAX_NUM_WAVS_PER_CLASS + 1)) * (100.0 / _MAX_NUM_WAVS_PER_CLASS)
-    if percentage < validation_percentage:
+    if percentage < 100 * validation_fraction:
         return "validation"
-    if percentage < validation_percentage + testing_percentage:
+    if percentage < 100 * (validation_fraction + testing_fraction):
         return "testing"
     return "training"
 
 
-def index_dataset(root, validation_percentage: float = 10.0, testing_percentage: float = 10.0) -> list:
+def index_dataset(root, validation_fraction: float = 0.1, testing_fraction: float = 0.1) -> list:
     """All clips under a dataset root, with their splits.
 
     Splits come from ``validation_list.txt`` and ``testing_list.txt`` (everything else is
@@ -165,7 +166,7 @@ def index_dataset(root, validation_percentage: float = 10.0, testing_percentage:
         elif present:
             split = listed.get(rel, "training")
         else:
-            split = which_set(path.name, validation_percentage, testing_percentage)
+            split = which_set(path.name, validation_fraction, testing_fraction)
         clips.append(Clip(path, word, speaker_of(path), split))
     if not clips:
         raise DatasetError(
@@ -234,15 +235,15 @@ def build_task(
     task: str = "12",
     split: str = "training",
     root=None,
-    silence_percentage: float = 10.0,
-    unknown_percentage: float = 10.0,
+    silence_share: float = 0.1,
+    unknown_share: float = 0.1,
     seed: int = 0,
     spec: FeatureSpec = FeatureSpec(),
 ) -> TaskSplit:
     """The examples of one split of a standard task.
 
-    12-class: the ten commands keep their word; ``unknown_percentage`` % (of the number of
-    command clips) other-word clips are drawn as ``_unknown_``, and ``silence_percentage`` %
+    12-class: the ten commands keep their word; ``unknown_share`` (a fraction of the number
+    of command clips) other-word clips are drawn as ``_unknown_``, and ``silence_share``
     silence examples are cut from ``root``'s background noise at a random start and a gain
     uniform in [0, 1) -- as TensorFlow's recipe does. Clips already labelled ``_unknown_`` /
     ``_silence_`` (the test archive) are kept as they are and nothing is drawn for that label.
@@ -253,7 +254,7 @@ def build_task(
         task: ``"12"`` or ``"35"``.
         split: which split's clips to use.
         root: folder with ``_background_noise_/`` (needed only when silence is drawn).
-        silence_percentage, unknown_percentage: percent of the command-word count.
+        silence_share, unknown_share: fractions of the command-word count.
         seed: drives every random choice; same inputs and seed -> same examples.
         spec: sample rate and clip length used to place silence windows.
 
@@ -265,7 +266,7 @@ def build_task(
         raise DatasetError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    for name, value in (("silence_percentage", silence_percentage), ("unknown_percentage", unknown_percentage)):
+    for name, value in (("silence_share", silence_share), ("unknown_share", unknown_share)):
         if not (value >= 0 and math.isfinite(value)):
             raise DatasetError(f"{name} must be a finite number >= 0, got {value}")
     chosen = [c for c in clips if c.split == split]
@@ -282,59 +283,15 @@ def build_task(
 
     unknown = given_unknown
     if not given_unknown and others:
-        n = min(len(others), math.ceil(len(targets) * unknown_percentage / 100.0))
+        n = min(len(others), math.ceil(len(targets) * unknown_share))
         picks = rng.choice(len(others), size=n, replace=False) if n else []
         unknown = [_example(others[i], UNKNOWN) for i in sorted(picks)]
 
     silence = given_silence
-    n_silence = math.ceil(len(targets) * silence_percentage / 100.0)
+    n_silence = math.ceil(len(targets) * silence_share)
     if not given_silence and n_silence:
         silence = _silence_examples(root, n_silence, rng, spec)
     return TaskSplit(list(LABELS_12), targets + unknown + silence)
-
-
-def task_split(
-    root,
-    task: str = "12",
-    split: str = "training",
-    *,
-    salt=None,
-    validation_fraction: float = 0.1,
-    testing_fraction: float = 0.1,
-    silence_percentage: float = 10.0,
-    unknown_percentage: float = 10.0,
-    seed: int = 0,
-    spec: FeatureSpec = FeatureSpec(),
-    extra_training: Sequence = (),
-    clips: Optional[Sequence[Clip]] = None,
-) -> TaskSplit:
-    """One split of a dataset's task, composed as a training run composes it.
-
-    This is the one place that says how a run turns a folder into its three splits, so that
-    training, evaluation of a checkpoint and int8 calibration all see the same clips.
-
-    Args:
-        root: a Speech Commands folder.
-        task, split: as `build_task`.
-        salt: re-split by speaker with this salt and the two fractions (`split_by_speaker`);
-            None keeps the dataset's own split.
-        silence_percentage, unknown_percentage: as `build_task`.
-        seed: the run's seed; the split draws with ``seed + SPLIT_SEED_OFFSET[split]``.
-        spec: as `build_task`.
-        extra_training: more dataset folders whose every clip joins the training split only
-            (synthetic speech).
-        clips: ``index_dataset(root)``, when the caller composes several splits and indexes once.
-    """
-    if split not in SPLITS:
-        raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    clips = index_dataset(root) if clips is None else list(clips)
-    if salt is not None:
-        clips = split_by_speaker(clips, validation_fraction, testing_fraction, salt)
-    if split == "training":
-        for extra in extra_training:
-            clips = clips + [dataclasses.replace(c, split="training") for c in index_dataset(extra)]
-    return build_task(clips, task, split, root=root, silence_percentage=silence_percentage,
-                      unknown_percentage=unknown_percentage, seed=seed + SPLIT_SEED_OFFSET[split], spec=spec)
 
 
 def _example(clip: Clip, label: str) -> Example:
@@ -346,7 +303,7 @@ def _silence_examples(root, n: int, rng: np.random.Generator, spec: FeatureSpec)
     if not files:
         raise DatasetError(
             f"silence examples are cut from background noise, but {root!s} has no {BACKGROUND_NOISE}/ recordings; "
-            "pass root= a dataset that has them, or silence_percentage=0"
+            "pass root= a dataset that has them, or silence_share=0"
         )
     lengths = [len(_noise(str(p), spec.sample_rate)) for p in files]
     usable = [i for i, n_samples in enumerate(lengths) if n_samples >= spec.clip_samples]
@@ -506,5 +463,5 @@ __all__ = [
     "BACKGROUND_NOISE", "COMMANDS", "LABELS_12", "LABELS_35", "SILENCE", "SPLITS", "SPLIT_SEED_OFFSET", "TASKS", "UNKNOWN",
     "AudioError", "Clip", "DatasetError", "Example", "TaskSplit",
     "background_noise", "build_task", "describe_dataset", "index_dataset", "load_example", "noise_files", "read_list",
-    "speaker_of", "split_by_speaker", "task_split", "which_set",
+    "speaker_of", "split_by_speaker", "which_set",
 ]  # fmt: skip

@@ -20,9 +20,10 @@ from torch import nn
 from kws_runtime.spec import FeatureSpec
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .dataset import SPLIT_SEED_OFFSET, SPLITS, UNKNOWN, build_task, index_dataset, load_example, noise_files, split_by_speaker
+from .dataset import SPLITS, UNKNOWN, index_dataset, load_example, noise_files
 from .distributed import all_reduce_sum
 from .frontend import Frontend
+from .recipe import RunRecipe, SplitRule
 
 __all__ = [
     "EvalResult",
@@ -32,7 +33,6 @@ __all__ = [
     "predict_files",
     "confusion_matrix",
     "format_report",
-    "task_of_labels",
 ]
 
 
@@ -125,20 +125,6 @@ def format_report(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def task_of_labels(labels: Sequence[str]) -> str:
-    """``"12"`` or ``"35"``: the standard task whose label list ``labels`` is.
-
-    Raises:
-        ValueError: the labels are neither task's.
-    """
-    from .dataset import LABELS_12, LABELS_35
-
-    for task, task_labels in (("12", LABELS_12), ("35", LABELS_35)):
-        if list(labels) == list(task_labels):
-            return task
-    raise ValueError(f"the labels {list(labels)} are neither the 12- nor the 35-class task's, in that order")
-
-
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module,
@@ -225,12 +211,9 @@ def evaluate_checkpoint(
     data_root,
     *,
     split: str = "auto",
-    salt: Optional[str] = None,
-    validation_fraction: float = 0.1,
-    testing_fraction: float = 0.1,
+    recipe: Optional[RunRecipe] = None,
     batch_size: int = 256,
     device: str = "cpu",
-    seed: Optional[int] = None,
     progress: bool = False,
 ) -> EvalResult:
     """Score a checkpoint on a dataset split, with the checkpoint's own features and labels.
@@ -238,42 +221,36 @@ def evaluate_checkpoint(
     Args:
         checkpoint: a path or a loaded `kws_train.checkpoint.Checkpoint`.
         data_root: a Speech Commands folder (`kws_train.dataset.index_dataset`).
-        split: ``"training"``, ``"validation"``, ``"testing"``, ``"all"``, or ``"auto"``: all
-            clips of the official test archive (a folder with ``_unknown_/`` and no
-            ``testing_list.txt``), else ``"testing"``.
-        salt: re-split by speaker with this salt and the two fractions
-            (`kws_train.dataset.split_by_speaker`), as a training run with ``split="speaker"`` did;
-            None keeps the dataset's own split.
+        split: ``"training"``, ``"validation"``, ``"testing"``, ``"all"`` (every clip of the
+            folder, as test clips), or ``"auto"``: all clips of the official test archive (a
+            folder with ``_unknown_/`` and no ``testing_list.txt``), else ``"testing"``.
+        recipe: how the split is composed; default the checkpoint's own (`RunRecipe`), so on
+            the run's folder this scores exactly the examples the run held out.
         batch_size: clips per forward pass.
         device: ``"cpu"`` or ``"cuda"``.
-        seed: which silence windows (and unknown clips) the 12-class task draws; None: the
-            ones the training run drew for that split (its seed + `SPLIT_SEED_OFFSET`).
 
     Raises:
         CheckpointError, DatasetError, ValueError: unreadable checkpoint, unusable data, or no
             clips in the split.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, map_location="cpu")
-    task = task_of_labels(ckpt.labels)
+    recipe = ckpt.recipe if recipe is None else recipe
     if split not in SPLITS + ("all", "auto"):
         raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS + ('all', 'auto'))}")
     if split == "auto":
         root = Path(data_root)
         test_archive = (root / UNKNOWN).is_dir() and not (root / "testing_list.txt").is_file()
-        split = "all" if test_archive and salt is None else "testing"
-    clips = index_dataset(data_root)
-    if salt is not None:
-        clips = split_by_speaker(clips, validation_fraction, testing_fraction, salt)
+        split = "all" if test_archive and recipe.split.method == "dataset" else "testing"
+    if not noise_files(data_root):
+        # nothing to cut silence from: score the words (and any ready-made silence clips)
+        recipe = dataclasses.replace(recipe, silence_share=0.0)
+    clips = None
     if split == "all":
-        clips = [dataclasses.replace(c, split="testing") for c in clips]
-        split = "testing"
-    if seed is None:
-        seed = int(ckpt.config.get("seed", 0)) + SPLIT_SEED_OFFSET[split]
-    # Without background noise there is nothing to cut silence from: score the words only.
-    silence = 10.0 if noise_files(data_root) else 0.0
-    examples = build_task(clips, task, split, root=data_root, silence_percentage=silence, seed=seed, spec=ckpt.spec)
+        clips = [dataclasses.replace(c, split="testing") for c in index_dataset(data_root)]
+        recipe, split = dataclasses.replace(recipe, split=SplitRule()), "testing"
+    examples = recipe.task_split(data_root, split, clips=clips)
     if not examples.examples:
-        raise ValueError(f"{data_root}: no clips of the {task}-class task in the {split!r} split")
+        raise ValueError(f"{data_root}: no clips of the {recipe.task}-class task in the {split!r} split")
     return evaluate_examples(ckpt.model, ckpt.spec, examples.examples, ckpt.labels,
                              batch_size=batch_size, device=device, progress=progress)
 

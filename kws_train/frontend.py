@@ -106,8 +106,7 @@ class LogMel(nn.Module):
         if x.device.type != "cpu":
             return torch.matmul(self.power_spectrogram(x), self.mel_t)
         spec = self.spec
-        padded = x.shape[-1] + (2 * (spec.n_fft // 2) if spec.center else 0)
-        frames = max(1, 1 + (padded - spec.n_fft) // spec.hop_length)
+        frames = max(1, spec.frames_for(x.shape[-1]))
         chunk = max(1, _CPU_CHUNK_BYTES // (frames * spec.n_fft * 8))
         if chunk >= len(x):
             return torch.matmul(self.power_spectrogram(x), self.mel_t)

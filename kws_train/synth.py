@@ -382,8 +382,8 @@ def synthesize_dataset(
     snr_db=SNR_DB,
     progress: bool = True,
     overwrite: bool = False,
-    validation_percentage: float = 10.0,
-    testing_percentage: float = 10.0,
+    validation_fraction: float = 0.1,
+    testing_fraction: float = 0.1,
 ) -> SynthReport:
     """Write a synthetic dataset in the Speech Commands layout.
 
@@ -443,7 +443,7 @@ def synthesize_dataset(
         _render_all(todo, staging, noise_paths, jobs, progress)
         seconds = time.perf_counter() - t0
         used = sorted({j.speaker for j in todo}, key=lambda s: s.speaker_id)
-        split_of = {s: which_set(f"{s.speaker_id}{NOHASH}0.wav", validation_percentage, testing_percentage) for s in used}
+        split_of = {s: which_set(f"{s.speaker_id}{NOHASH}0.wav", validation_fraction, testing_fraction) for s in used}
         for name in ("validation", "testing"):
             rels = sorted(j.rel for j in todo if split_of[j.speaker] == name)
             (staging / f"{name}_list.txt").write_text("".join(r + "\n" for r in rels))

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -35,22 +34,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from kws_runtime.spec import FeatureSpec
 from kws_runtime.files import check_writable_folder, copy_atomic, write_json_atomic, write_text_atomic
+from kws_runtime.spec import FeatureSpec, canonical_preset
 
 from . import plots
 from .augment import AugmentConfig, build_frontend
 from .cache import BatchLoader, build_cache
-from .checkpoint import save_checkpoint
-from .dataset import SPLITS, TASKS, background_noise, index_dataset, task_split
+from .checkpoint import CheckpointError, ResumeState, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .dataset import SPLITS, TASKS, background_noise, index_dataset
 from .distributed import (
     DistContext, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed,
 )
 from .evaluate import EvalResult, evaluate_model
-from .models import VARIANTS, build_model, canonical_architecture
+from .models import build_model, canonical_architecture, canonical_variant
+from .recipe import RecipeError, RunRecipe, SplitRule, default_of
 
 __all__ = [
-    "AMP_MODES", "TrainConfig", "TrainError", "TrainResult", "default_weights_path", "resolve_autocast", "split_options", "train",
+    "AMP_MODES", "TrainConfig", "TrainError", "TrainResult", "default_weights_path", "resolve_autocast", "train",
     "train_epoch",
     "warmup_cosine",
 ]
@@ -58,14 +58,11 @@ __all__ = [
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 BALANCING = ("none", "loss", "sampler")
-SPLIT_METHODS = ("dataset", "speaker")
 DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.05}
 
-# Settings a resumed run must share with the run it continues (others, like epochs or out, may change).
-_RESUME_MUST_MATCH = (
-    "architecture", "variant", "task", "features", "batch_size", "optimizer", "seed", "balance",
-    "split", "split_salt", "validation_fraction", "testing_fraction", "augment",
-)
+# Settings a resumed run must share with the run it continues, besides its recipe (others,
+# like epochs or out, may change).
+_RESUME_MUST_MATCH = ("architecture", "variant", "batch_size", "optimizer", "balance", "augment")
 
 
 class TrainError(RuntimeError):
@@ -80,9 +77,9 @@ class TrainConfig:
         data: Speech Commands root (`kws_train.dataset.index_dataset`).
         out: folder for checkpoints, metrics and figures (created).
         architecture: ``resnet18``, ``mobilenet_v2``, ``shufflenet_v2_x0_5`` or an alias.
-        variant: ``"default"`` or ``"seed"`` (`kws_train.models`).
+        variant: ``"default"`` or ``"imagenet"`` (`kws_train.models`; ``"seed"`` is accepted).
         task: ``"12"`` or ``"35"``.
-        features: feature preset name (`kws_runtime.FeatureSpec.preset`).
+        features: feature preset name (`kws_runtime.FeatureSpec.preset`; ``"seed"`` is accepted).
         epochs: total epochs of the run (a resumed run continues up to this number).
         batch_size: clips per optimizer step per process.
         optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov momentum).
@@ -100,7 +97,7 @@ class TrainConfig:
             by speaker with ``split_salt`` and the two fractions).
         extra_train: more dataset roots whose clips all join the training split (e.g.
             synthetic speech from ``kws-data synth``); validation and test stay on ``data``.
-        silence_percentage, unknown_percentage: 12-class task composition (`build_task`).
+        silence_share, unknown_share: 12-class task composition, fractions (`build_task`).
         device: ``"auto"``, ``"cuda"`` or ``"cpu"``.
         amp: ``"auto"`` (bf16 on GPUs that have it, else fp16 with a gradient scaler; off on
             CPUs), ``"off"``, ``"bf16"`` or ``"fp16"`` (GPU only).
@@ -138,18 +135,18 @@ class TrainConfig:
     balance: str = "loss"
     augment: bool = True
     augment_config: dict = dataclasses.field(default_factory=dict)
-    split: str = "dataset"
-    split_salt: str = ""
-    validation_fraction: float = 0.1
-    testing_fraction: float = 0.1
+    split: str = default_of(SplitRule, "method")
+    split_salt: str = default_of(SplitRule, "salt")
+    validation_fraction: float = default_of(SplitRule, "validation_fraction")
+    testing_fraction: float = default_of(SplitRule, "testing_fraction")
     extra_train: List[str] = dataclasses.field(default_factory=list)
-    silence_percentage: float = 10.0
-    unknown_percentage: float = 10.0
+    silence_share: float = default_of(RunRecipe, "silence_share")
+    unknown_share: float = default_of(RunRecipe, "unknown_share")
     device: str = "auto"
     amp: str = "auto"
     channels_last: Optional[bool] = None
     compile: bool = False
-    seed: int = 0
+    seed: int = default_of(RunRecipe, "seed")
     deterministic: bool = False
     resume: object = False
     stop_after_epochs: Optional[int] = None
@@ -171,11 +168,13 @@ class TrainConfig:
         self.task = str(self.task)
         self.data, self.out = os.fspath(self.data), os.fspath(self.out)
         self.extra_train = [os.fspath(p) for p in self.extra_train]
-        if self.variant not in VARIANTS:
-            bad("variant", f"choose one of {', '.join(VARIANTS)}")
+        try:  # older spellings ("seed") are accepted and stored under today's names
+            self.variant = canonical_variant(self.variant)
+            self.features = canonical_preset(self.features)  # SpecError (a ValueError) names the presets
+        except ValueError as error:
+            raise ValueError(f"TrainConfig: {error}") from None
         if self.task not in TASKS:
             bad("task", f"choose one of {', '.join(TASKS)}")
-        FeatureSpec.preset(self.features)  # SpecError (a ValueError) names the presets
         for field in ("epochs", "batch_size", "eval_batch_size", "workers"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -197,8 +196,10 @@ class TrainConfig:
             bad("label_smoothing", "must be in [0, 1)")
         if self.balance not in BALANCING:
             bad("balance", f"choose one of {', '.join(BALANCING)}")
-        if self.split not in SPLIT_METHODS:
-            bad("split", f"choose one of {', '.join(SPLIT_METHODS)}")
+        try:
+            self.recipe  # the split and task composition are checked by the recipe
+        except RecipeError as error:
+            raise ValueError(f"TrainConfig: {error}") from None
         if self.device not in ("auto", "cuda", "cpu"):
             bad("device", "choose auto, cuda or cpu")
         if self.amp not in AMP_MODES:
@@ -212,6 +213,14 @@ class TrainConfig:
     @property
     def spec(self) -> FeatureSpec:
         return FeatureSpec.preset(self.features)
+
+    @property
+    def recipe(self) -> RunRecipe:
+        """The data side of the run (stored in its checkpoints)."""
+        split = SplitRule(self.split, self.split_salt if self.split == "speaker" else "", self.validation_fraction,
+                          self.testing_fraction)
+        return RunRecipe(spec=self.spec, task=self.task, split=split, silence_share=self.silence_share,
+                         unknown_share=self.unknown_share, seed=self.seed, extra_training=tuple(self.extra_train))
 
     def to_dict(self) -> dict:
         """JSON-safe dict (what checkpoints store)."""
@@ -237,16 +246,6 @@ class TrainResult:
     model: nn.Module
     labels: list
     spec: FeatureSpec
-
-    def summary(self) -> dict:
-        return {
-            "best_epoch": self.best_epoch,
-            "best_val_accuracy": self.best_val_accuracy,
-            "epochs_run": self.epochs_run,
-            "train_samples_per_second": self.samples_per_second,
-            "validation": None if self.validation is None else self.validation.to_dict(),
-            "test": None if self.test is None else self.test.to_dict(),
-        }
 
 
 def default_weights_path(architecture: str, root=None) -> Path:
@@ -310,42 +309,6 @@ def resolve_autocast(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def split_options(config: dict) -> dict:
-    """`kws_train.dataset.task_split` keywords that reproduce a run's splits.
-
-    Args:
-        config: a `TrainConfig` as a dict (``to_dict()``, what checkpoints store); missing or
-            malformed fields take the defaults, so checkpoints of older runs still resolve.
-    """
-    def number(key, default):
-        value = config.get(key, default)
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
-
-    return {
-        "salt": str(config.get("split_salt", "")) if config.get("split") == "speaker" else None,
-        "validation_fraction": float(number("validation_fraction", 0.1)),
-        "testing_fraction": float(number("testing_fraction", 0.1)),
-        "silence_percentage": float(number("silence_percentage", 10.0)),
-        "unknown_percentage": float(number("unknown_percentage", 10.0)),
-        "seed": int(number("seed", 0)),
-    }
-
-
-def _tasks(config: TrainConfig, spec: FeatureSpec):
-    options = dict(split_options(config.to_dict()), spec=spec, extra_training=config.extra_train,
-                   clips=index_dataset(config.data))
-    train, val, test = (task_split(config.data, config.task, split, **options) for split in SPLITS)
-    how = "the dataset's split" if config.split == "dataset" else f"--split speaker (salt {config.split_salt!r})"
-    if not train.examples:
-        raise TrainError(f"{config.data}: no training clips of the {config.task}-class task under {how}")
-    if not val.examples:
-        raise TrainError(
-            f"{config.data}: no validation clips under {how}; use a dataset with a validation split "
-            "or --split speaker with a validation fraction that gives some speakers"
-        )
-    return train, val, test
-
-
 def _class_weights(counts: np.ndarray) -> torch.Tensor:
     # N / (classes present * count): the average weight over the training clips is 1
     counts = np.asarray(counts, dtype=np.float64)
@@ -367,78 +330,24 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=config.peak_lr)
 
 
-def _rng_state() -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": _numpy_state_to_plain(np.random.get_state()),
-        "python": _python_state_to_plain(random.getstate()),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
-    random.setstate(_python_state_from_plain(state["python"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _numpy_state_to_plain(state) -> dict:
-    name, keys, pos, has_gauss, cached = state
-    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def _numpy_state_from_plain(d: dict):
-    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
-
-
-def _python_state_to_plain(state) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _python_state_from_plain(state) -> tuple:
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
-
-
 def _augment_seed(config: TrainConfig, epoch: int, rank: int) -> int:
     # distinct streams per epoch and per rank, all derived from the run's seed
     return (config.seed * 1_000_003 + epoch * 1_009 + rank * 2) % (2**62)
 
 
-def _resume_path(config: TrainConfig) -> Optional[Path]:
-    if config.resume is False or config.resume is None:
-        return None
-    if config.resume is True:
-        return Path(config.out) / "last.pt"
-    return Path(config.resume)
-
-
-def _load_resume_state(path: Path, config: TrainConfig) -> dict:
-    if not path.is_file():
-        raise TrainError(f"{path}: nothing to resume from (no such file); train without --resume first")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise TrainError(f"{path}: cannot read it to resume ({type(error).__name__}: {error})") from None
-    extra = payload.get("extra", {}) if isinstance(payload, dict) else {}
-    if "optimizer" not in extra or "epoch" not in extra:
-        raise TrainError(f"{path}: holds no training state to resume from (use last.pt of a run)")
-    stored = payload.get("config", {})
-    changed = [f"{key}: {stored.get(key)!r} -> {getattr(config, key)!r}"
-               for key in _RESUME_MUST_MATCH if key in stored and stored[key] != config.to_dict()[key]]
-    if changed:
-        raise TrainError(f"{path}: cannot resume with different settings ({'; '.join(changed)})")
-    return payload
+@contextlib.contextmanager
+def _main_process_first(ctx: DistContext):
+    """Rank 0 runs the block, then the other ranks do (and find its results, e.g. caches)."""
+    if ctx.distributed and not ctx.is_main:
+        barrier(ctx)
+    yield
+    if ctx.distributed and ctx.is_main:
+        barrier(ctx)
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# The run, in stages: prepare (settings, resume state, output folder), data, parts (model,
+# front ends, optimizer), fit (the epochs), finish (the final test and summary.json).
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -458,7 +367,12 @@ def train(config: TrainConfig) -> TrainResult:
     out = Path(config.out)
     out_existed = out.exists()
     try:
-        return _train(config, ctx)
+        resume = _prepare(config, ctx)
+        data = _prepare_data(config, ctx)
+        parts = _build(config, ctx, data)
+        progress = _Progress.start(parts, resume, ctx, config)
+        validation = _fit(config, ctx, data, parts, progress)
+        return _finish(config, ctx, data, parts, progress, validation)
     except BaseException:
         # A run that failed before writing anything leaves no empty folder behind.
         if ctx.is_main and not out_existed and out.is_dir() and not any(out.iterdir()):
@@ -470,215 +384,314 @@ def train(config: TrainConfig) -> TrainResult:
             shutdown_distributed()
 
 
-def _train(config: TrainConfig, ctx: DistContext) -> TrainResult:
-    device = ctx.device
-    spec = config.spec
+def _prepare(config: TrainConfig, ctx: DistContext) -> Optional[tuple]:
+    """Process-wide settings, the resume state to continue from, and a writable ``out``."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    out = Path(config.out)
-    autocast_dtype = resolve_autocast(config.amp, device)
-    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    elif device.type == "cuda":
+    elif ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
-    resume_from = _resume_path(config)
-    resume_state = _load_resume_state(resume_from, config) if resume_from is not None else None
+    resume = _load_resume_state(config)
+    out = Path(config.out)
     if ctx.is_main:
         # now, not after an epoch's work: an output folder that cannot be written fails here
         check_writable_folder(out)
-    if resume_state is None and (out / "last.pt").is_file():
-        _log(ctx, config, f"note: {out} holds an earlier run; its checkpoints will be replaced (--resume continues it)")
+        if resume is None and (out / "last.pt").is_file():
+            _log(ctx, config, f"note: {out} holds an earlier run; its checkpoints will be replaced (--resume continues it)")
+    return resume
 
-    # --- data
-    train_task, val_task, test_task = _tasks(config, spec)
-    labels = list(train_task.labels)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else out.parent / "cache"
+
+def _resume_path(config: TrainConfig) -> Optional[Path]:
+    if config.resume is False or config.resume is None:
+        return None
+    if config.resume is True:
+        return Path(config.out) / "last.pt"
+    return Path(config.resume)
+
+
+def _load_resume_state(config: TrainConfig) -> Optional[tuple]:
+    """``(path, weights, ResumeState)`` of the checkpoint to continue from, or None."""
+    path = _resume_path(config)
+    if path is None:
+        return None
+    if not path.is_file():
+        raise TrainError(f"{path}: nothing to resume from (no such file); train without --resume first")
+    try:
+        stored = load_checkpoint(path)
+        state = ResumeState.from_extra(stored.extra, path)
+        recipe = stored.recipe
+    except (CheckpointError, RecipeError) as error:
+        raise TrainError(f"cannot resume: {error}") from None
+    theirs_config = {**stored.config, "variant": stored.variant}  # under today's variant name
+    changed = [f"{key}: {theirs_config.get(key)!r} -> {getattr(config, key)!r}"
+               for key in _RESUME_MUST_MATCH if key in theirs_config and theirs_config[key] != config.to_dict()[key]]
+    theirs, ours = recipe.to_dict(), config.recipe.to_dict()
+    changed += [f"{key}: {theirs[key]!r} -> {ours[key]!r}" for key in ours if theirs[key] != ours[key] and key != "spec"]
+    if recipe.spec != config.spec:
+        changed.append(f"features: {stored.config.get('features', recipe.spec)!r} -> {config.features!r}")
+    if changed:
+        raise TrainError(f"{path}: cannot resume with different settings ({'; '.join(changed)})")
+    return path, stored.model.state_dict(), state
+
+
+@dataclasses.dataclass
+class _RunData:
+    labels: list
+    train: object  # cache.CachedSplit
+    val: object
+    test: Optional[object]
+    loader: BatchLoader
+
+
+def _prepare_data(config: TrainConfig, ctx: DistContext) -> _RunData:
+    """The run's three splits (from its recipe), decoded into caches, and the batch loader."""
+    recipe, spec = config.recipe, config.spec
+    clips = index_dataset(config.data)
+    tasks = {name: recipe.task_split(config.data, name, clips=clips) for name in SPLITS}
+    if not tasks["training"].examples:
+        raise TrainError(f"{config.data}: no training clips of the {config.task}-class task under {recipe.describe_split()}")
+    if not tasks["validation"].examples:
+        raise TrainError(
+            f"{config.data}: no validation clips under {recipe.describe_split()}; use a dataset with a validation "
+            "split or --split speaker with a validation fraction that gives some speakers"
+        )
+    cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.out).parent / "cache"
     show = ctx.is_main and not config.quiet and sys.stderr.isatty()
-    splits = {}
-    # rank 0 decodes; the others wait and then open the same caches
-    for turn in ((0,) if not ctx.distributed else (0, 1)):
-        if (turn == 0) == ctx.is_main:
-            for name, task in (("training", train_task), ("validation", val_task), ("testing", test_task)):
-                if task.examples:
-                    splits[name] = build_cache(task, cache_dir, name, spec, workers=config.workers, progress=show)
-        if ctx.distributed:
-            barrier(ctx)
+    with _main_process_first(ctx):
+        splits = {name: build_cache(task, cache_dir, name, spec, workers=config.workers, progress=show)
+                  for name, task in tasks.items() if task.examples}
+    labels = list(tasks["training"].labels)
     train_split, val_split, test_split = splits["training"], splits["validation"], splits.get("testing")
-    counts = train_split.counts()
     _log(ctx, config, f"data: {len(train_split)} training, {len(val_split)} validation, "
          f"{0 if test_split is None else len(test_split)} test clips; {len(labels)} classes; "
-         f"features {config.features} {spec.shape[0]}x{spec.shape[1]}; device {device}"
-         + (f" x{ctx.world_size}" if ctx.distributed else "")
-         + (f"; autocast {str(autocast_dtype).replace('torch.', '')}" if autocast_dtype else ""))
-    empty = [label for label, n in zip(labels, counts) if n == 0]
+         f"features {config.features} {spec.n_mels}x{spec.n_frames}; device {ctx.device}"
+         + (f" x{ctx.world_size}" if ctx.distributed else ""))
+    empty = [label for label, n in zip(labels, train_split.counts()) if n == 0]
     if empty:
         _log(ctx, config, f"warning: no training clips of {', '.join(empty)}")
-
     per_rank = -(-len(train_split) // ctx.world_size)
     loader = BatchLoader(
         train_split, config.batch_size, shuffle=True, seed=config.seed,
         sample_weights="balanced" if config.balance == "sampler" else None,
         # a last batch of one clip would break batch norm; keep it only if it is all there is
-        drop_last=per_rank >= config.batch_size, device=device, rank=ctx.rank, world_size=ctx.world_size,
+        drop_last=per_rank >= config.batch_size, device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
     )
-    steps_per_epoch = len(loader)
+    return _RunData(labels, train_split, val_split, test_split, loader)
 
-    # --- model, front end, optimizer
+
+@dataclasses.dataclass
+class _Parts:
+    model: nn.Module  # the bare model (checkpoints store its weights)
+    net: nn.Module  # what the steps run: the model, maybe wrapped in DDP and compiled
+    frontend: nn.Module
+    eval_frontend: nn.Module
+    augment: Optional[AugmentConfig]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    autocast_dtype: Optional[torch.dtype]
+    channels_last: bool
+
+
+def _build(config: TrainConfig, ctx: DistContext, data: _RunData) -> _Parts:
+    """Model, training and evaluation front ends, optimizer, schedule, loss."""
+    device, spec = ctx.device, config.spec
+    autocast_dtype = resolve_autocast(config.amp, device)
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     torch.manual_seed(config.seed)
-    model = build_model(config.architecture, len(labels), config.variant).to(device)
+    model = build_model(config.architecture, len(data.labels), config.variant).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    noise = background_noise(config.data, spec.sample_rate) if config.augment else []
-    augment = None
-    if config.augment:
-        fields = dict(config.augment_config)
-        if not noise and fields.get("noise_prob", AugmentConfig().noise_prob) > 0:
-            _log(ctx, config, f"warning: {config.data} has no _background_noise_/: training without noise mixing")
-            fields["noise_prob"] = 0.0
-        augment = AugmentConfig.from_dict(fields)
+    augment = _augment_config(config, ctx)
+    noise = background_noise(config.data, spec.sample_rate) if augment is not None else []
     frontend = build_frontend(spec, augment, noise, seed=_augment_seed(config, 0, ctx.rank)).to(device)
     # LogMel picks a float64 FFT on CPUs to match the runtime to 1e-3 dB; training does not
-    # need that, and float32 halves the cost of the long seed-preset FFT.
+    # need that, and float32 halves the cost of the long 2048-sample FFT.
     frontend.log_mel.fft_dtype = torch.float32
-    eval_frontend = build_frontend(spec, None).to(device)
-
     optimizer = _optimizer(config, model)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(total_steps, warmup_steps, config.min_lr_ratio))
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    weights = _class_weights(counts).to(device) if config.balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
-
-    start_epoch, best_acc, best_epoch, history = 0, -1.0, 0, []
-    if resume_state is not None:
-        extra = resume_state["extra"]
-        model.load_state_dict(resume_state["state_dict"])
-        optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
-        # the schedule follows this run's epochs (which may extend the stored run's)
-        scheduler.lr_lambdas[0] = _Schedule(total_steps, warmup_steps, config.min_lr_ratio)
-        if extra.get("scaler"):
-            scaler.load_state_dict(extra["scaler"])
-        start_epoch = int(extra["epoch"])
-        best_acc, best_epoch = float(extra["best_val_accuracy"]), int(extra["best_epoch"])
-        history = list(extra.get("history", []))
-        _set_rng_state(extra["rng"])
-        _log(ctx, config, f"resuming {resume_from} after epoch {start_epoch} (best {100 * best_acc:.2f}% at epoch {best_epoch})")
-
+    steps_per_epoch = len(data.loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, steps_per_epoch))
+    weights = _class_weights(data.train.counts()).to(device) if config.balance == "loss" else None
     net: nn.Module = model
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
     if config.compile:
         net = torch.compile(net)
+    if autocast_dtype:
+        _log(ctx, config, f"autocast {str(autocast_dtype).replace('torch.', '')}")
+    return _Parts(
+        model=model, net=net, frontend=frontend, eval_frontend=build_frontend(spec, None).to(device), augment=augment,
+        optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
+        criterion=nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing),
+        autocast_dtype=autocast_dtype, channels_last=channels_last,
+    )
 
-    meta = dict(architecture=config.architecture, variant=config.variant, labels=labels, spec=spec,
-                config={**config.to_dict(), "augment_resolved": augment.to_dict() if augment else None})
-    best_path, last_path = out / "best.pt", out / "last.pt"
 
-    def save(path: Path, epoch: int) -> None:
-        extra = {
-            "epoch": epoch, "best_val_accuracy": best_acc, "best_epoch": best_epoch, "history": history,
-            "optimizer": optimizer.state_dict(), "scheduler": _scheduler_state(scheduler),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": _rng_state(),
-        }
-        save_checkpoint(path, model, extra=extra, **meta)
+def _augment_config(config: TrainConfig, ctx: DistContext) -> Optional[AugmentConfig]:
+    if not config.augment:
+        return None
+    fields = dict(config.augment_config)
+    if not background_noise(config.data, config.spec.sample_rate) and fields.get("noise_prob", AugmentConfig().noise_prob) > 0:
+        _log(ctx, config, f"warning: {config.data} has no _background_noise_/: training without noise mixing")
+        fields["noise_prob"] = 0.0
+    return AugmentConfig.from_dict(fields)
 
-    # --- epochs
-    last_epoch = min(config.epochs, start_epoch + config.stop_after_epochs) if config.stop_after_epochs else config.epochs
-    throughput = []
+
+def _schedule(config: TrainConfig, steps_per_epoch: int) -> "_Schedule":
+    # follows this run's epochs, which a resumed run may extend beyond the stored run's
+    return _Schedule(steps_per_epoch * config.epochs, int(round(config.warmup_epochs * steps_per_epoch)), config.min_lr_ratio)
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Where the run stands: epochs done, the best so far, the metric rows, throughput."""
+
+    epoch: int = 0
+    best_val_accuracy: float = -1.0
+    best_epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    throughput: list = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def start(cls, parts: _Parts, resume: Optional[tuple], ctx: DistContext, config: TrainConfig) -> "_Progress":
+        """A fresh start, or the stored run's state put back into ``parts`` and the RNGs.
+
+        The scheduler keeps the schedule `_build` made from this run's config (its stored
+        lambda is None), so a resumed run may extend the epochs.
+        """
+        if resume is None:
+            return cls()
+        path, weights, state = resume
+        parts.model.load_state_dict(weights)
+        parts.optimizer.load_state_dict(state.optimizer)
+        parts.scheduler.load_state_dict(state.scheduler)
+        if state.scaler:
+            parts.scaler.load_state_dict(state.scaler)
+        restore_rng_state(state.rng)
+        _log(ctx, config, f"resuming {path} after epoch {state.epoch} "
+             f"(best {100 * state.best_val_accuracy:.2f}% at epoch {state.best_epoch})")
+        return cls(state.epoch, state.best_val_accuracy, state.best_epoch, list(state.history))
+
+    def resume_state(self, parts: _Parts) -> ResumeState:
+        return ResumeState(
+            epoch=self.epoch, best_val_accuracy=self.best_val_accuracy, best_epoch=self.best_epoch,
+            history=self.history, optimizer=parts.optimizer.state_dict(), scheduler=_scheduler_state(parts.scheduler),
+            scaler=parts.scaler.state_dict() if parts.scaler.is_enabled() else {}, rng=capture_rng_state(),
+        )
+
+
+def _save(config: TrainConfig, data: _RunData, parts: _Parts, progress: _Progress, path: Path) -> None:
+    config_dict = {**config.to_dict(), "recipe": config.recipe.to_dict(),
+                   "augment_resolved": parts.augment.to_dict() if parts.augment else None}
+    save_checkpoint(path, parts.model, architecture=config.architecture, variant=config.variant, labels=data.labels,
+                    spec=config.spec, config=config_dict, extra=progress.resume_state(parts).to_extra())
+
+
+def _fit(config: TrainConfig, ctx: DistContext, data: _RunData, parts: _Parts, progress: _Progress):
+    """The epochs: train, validate, checkpoint (best.pt when validation improves, last.pt always)."""
+    out = Path(config.out)
+    last_epoch = config.epochs
+    if config.stop_after_epochs:
+        last_epoch = min(config.epochs, progress.epoch + config.stop_after_epochs)
+    show = ctx.is_main and not config.quiet and sys.stderr.isatty()
     validation = None
-    for epoch in range(start_epoch + 1, last_epoch + 1):
+    for epoch in range(progress.epoch + 1, last_epoch + 1):
         tick = time.perf_counter()
-        loader.set_epoch(epoch)
-        epoch_seed = _augment_seed(config, epoch, ctx.rank)
-        for offset, augmenter in enumerate((frontend.waveform_augment, frontend.spec_augment)):
-            if augmenter is not None:
-                augmenter.manual_seed(epoch_seed + offset)
-        # dropout draws from the global generator, which anything between epochs (building a
-        # model to check a checkpoint, say) may also draw from: give each epoch its own stream
-        torch.manual_seed(epoch_seed + 2)
+        _seed_epoch(config, ctx, data, parts, epoch)
         train_loss, train_acc, seen = train_epoch(
-            net, frontend, loader, optimizer, scheduler, scaler, criterion, device=device,
-            autocast_dtype=autocast_dtype, channels_last=channels_last, desc=f"epoch {epoch}/{config.epochs}",
-            progress=show,
+            parts.net, parts.frontend, data.loader, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion,
+            device=ctx.device, autocast_dtype=parts.autocast_dtype, channels_last=parts.channels_last,
+            desc=f"epoch {epoch}/{config.epochs}", progress=show,
         )
-        train_seconds = time.perf_counter() - tick
-        samples_per_s = seen * ctx.world_size / max(train_seconds, 1e-9)
-        throughput.append(samples_per_s)
+        samples_per_s = seen * ctx.world_size / max(time.perf_counter() - tick, 1e-9)
+        progress.throughput.append(samples_per_s)
         if ctx.distributed:
-            broadcast_buffers(model)
+            broadcast_buffers(parts.model)
         validation = evaluate_model(
-            model, eval_frontend, val_split.waveforms, val_split.targets, labels,
-            batch_size=config.eval_batch_size, device=device, autocast_dtype=autocast_dtype,
-            channels_last=channels_last, rank=ctx.rank, world_size=ctx.world_size,
+            parts.model, parts.eval_frontend, data.val.waveforms, data.val.targets, data.labels,
+            batch_size=config.eval_batch_size, device=ctx.device, autocast_dtype=parts.autocast_dtype,
+            channels_last=parts.channels_last, rank=ctx.rank, world_size=ctx.world_size,
         )
-        improved = validation.accuracy > best_acc
+        improved = validation.accuracy > progress.best_val_accuracy
         if improved:
-            best_acc, best_epoch = validation.accuracy, epoch
+            progress.best_val_accuracy, progress.best_epoch = validation.accuracy, epoch
+        progress.epoch = epoch
         row = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
             "val_loss": validation.loss, "val_acc": validation.accuracy,
-            "lr": optimizer.param_groups[0]["lr"], "best": improved,
+            "lr": parts.optimizer.param_groups[0]["lr"], "best": improved,
             "seconds": round(time.perf_counter() - tick, 3), "train_samples_per_s": round(samples_per_s, 1),
         }
-        history.append(row)
+        progress.history.append(row)
         if ctx.is_main:
             if improved:
-                save(best_path, epoch)
-            save(last_path, epoch)
-            write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
-            plots.plot_training_curves(history, out / "curves.png")
+                _save(config, data, parts, progress, out / "best.pt")
+            _save(config, data, parts, progress, out / "last.pt")
+            write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
+            plots.plot_training_curves(progress.history, out / "curves.png")
         _log(ctx, config, f"epoch {epoch}/{config.epochs}  train loss {train_loss:.4f} acc {100 * train_acc:.2f}%  "
              f"val loss {validation.loss:.4f} acc {100 * validation.accuracy:.2f}%"
              f"{'  *' if improved else ''}  ({row['seconds']:.1f} s, {samples_per_s:.0f} clips/s)")
         if ctx.distributed:
             barrier(ctx)
+    return validation
 
-    finished = last_epoch >= config.epochs
+
+def _seed_epoch(config: TrainConfig, ctx: DistContext, data: _RunData, parts: _Parts, epoch: int) -> None:
+    data.loader.set_epoch(epoch)
+    epoch_seed = _augment_seed(config, epoch, ctx.rank)
+    for offset, augmenter in enumerate((parts.frontend.waveform_augment, parts.frontend.spec_augment)):
+        if augmenter is not None:
+            augmenter.manual_seed(epoch_seed + offset)
+    # dropout draws from the global generator, which anything between epochs (building a
+    # model to check a checkpoint, say) may also draw from: give each epoch its own stream
+    torch.manual_seed(epoch_seed + 2)
+
+
+def _finish(config: TrainConfig, ctx: DistContext, data: _RunData, parts: _Parts, progress: _Progress,
+            validation) -> TrainResult:
+    """Score best.pt on the test split (validation if none), draw its confusion matrix, write summary.json."""
+    out = Path(config.out)
+    best_path, last_path = out / "best.pt", out / "last.pt"
+    finished = progress.epoch >= config.epochs
     test_result = None
-    if ctx.is_main and history and best_path.is_file():
+    throughput = float(np.median(progress.throughput)) if progress.throughput else None
+    if ctx.is_main and progress.history and best_path.is_file():
         # the final figures are those of the best checkpoint, on clips it never chose by
-        from .checkpoint import load_checkpoint
-
-        best = load_checkpoint(best_path, map_location=device)
-        scored = best_split = None
-        if test_split is not None:
-            test_result = evaluate_model(best.model, eval_frontend, test_split.waveforms, test_split.targets, labels,
-                                         batch_size=config.eval_batch_size, device=device)
-            scored, best_split = test_result, "test"
-        else:
-            scored = evaluate_model(best.model, eval_frontend, val_split.waveforms, val_split.targets, labels,
-                                    batch_size=config.eval_batch_size, device=device)
-            best_split = "validation"
-        plots.plot_confusion_matrix(scored.confusion, labels, out / "confusion.png",
-                                    title=f"{config.architecture} ({config.variant}), {best_split} split, "
+        best = load_checkpoint(best_path, map_location=ctx.device)
+        split, scored_on = ("test", data.test) if data.test is not None else ("validation", data.val)
+        scored = evaluate_model(best.model, parts.eval_frontend, scored_on.waveforms, scored_on.targets, data.labels,
+                                batch_size=config.eval_batch_size, device=ctx.device)
+        test_result = scored if data.test is not None else None
+        plots.plot_confusion_matrix(scored.confusion, data.labels, out / "confusion.png",
+                                    title=f"{config.architecture} ({config.variant}), {split} split, "
                                           f"{100 * scored.accuracy:.1f}%")
         summary = {
             "architecture": config.architecture, "variant": config.variant, "features": config.features,
-            "task": config.task, "seed": config.seed, "epochs_run": len(history), "finished": finished,
-            "best_epoch": best_epoch, "best_val_accuracy": best_acc,
-            "train_samples_per_s": float(np.median(throughput)) if throughput else None,
-            "train_clips": len(train_split), "val_clips": len(val_split),
-            "test_clips": 0 if test_split is None else len(test_split),
+            "task": config.task, "seed": config.seed, "epochs_run": len(progress.history), "finished": finished,
+            "best_epoch": progress.best_epoch, "best_val_accuracy": progress.best_val_accuracy,
+            "train_samples_per_s": throughput,
+            "train_clips": len(data.train), "val_clips": len(data.val),
+            "test_clips": 0 if data.test is None else len(data.test),
             "test": None if test_result is None else test_result.to_dict(),
         }
         write_json_atomic(out / "summary.json", summary, indent=1)
         if test_result is not None:
-            _log(ctx, config, f"best epoch {best_epoch}: val {100 * best_acc:.2f}%, test {100 * test_result.accuracy:.2f}% "
-                 f"({test_result.count} clips)")
+            _log(ctx, config, f"best epoch {progress.best_epoch}: val {100 * progress.best_val_accuracy:.2f}%, "
+                 f"test {100 * test_result.accuracy:.2f}% ({test_result.count} clips)")
         if config.save_weights and finished:
             copy_atomic(best_path, Path(config.save_weights))
             _log(ctx, config, f"updated {config.save_weights}")
     if ctx.distributed:
         barrier(ctx)
     return TrainResult(
-        out=out, best_path=best_path, last_path=last_path, best_epoch=best_epoch, best_val_accuracy=best_acc,
-        epochs_run=len(history), history=history, test=test_result, validation=validation,
-        samples_per_second=float(np.median(throughput)) if throughput else 0.0,
-        model=model, labels=labels, spec=spec,
+        out=out, best_path=best_path, last_path=last_path, best_epoch=progress.best_epoch,
+        best_val_accuracy=progress.best_val_accuracy, epochs_run=len(progress.history), history=progress.history,
+        test=test_result, validation=validation, samples_per_second=throughput or 0.0,
+        model=parts.model, labels=data.labels, spec=config.spec,
     )
 
 

@@ -44,7 +44,7 @@ def tag_of(audio):
 def test_cache_holds_exactly_what_load_example_returns(real_data, tmp_path):
     clips = split_by_speaker(index_dataset(real_data), 0.1, 0.1, salt="cache")
     clips = [c for c in clips if c.word != "_silence_"]  # so silence is cut from the noise recordings
-    task = build_task(clips, "12", "validation", root=real_data, silence_percentage=10.0, seed=1)
+    task = build_task(clips, "12", "validation", root=real_data, silence_share=0.1, seed=1)
     words = [e for e in task.examples if e.label != "_silence_"][:40]
     silence = [e for e in task.examples if e.label == "_silence_"][:8]
     assert silence and all(e.start > 0 or e.gain != 1.0 for e in silence)

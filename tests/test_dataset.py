@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ import soundfile
 
 from kws_runtime.audio import read_audio
 from kws_train import dataset as ds
+from kws_train.recipe import RunRecipe, SplitRule
 
 # The part of the real sample that came from the official v0.02 test archive.
 TEST_ARCHIVE_SOURCE = "thegtagamer/PICO-tinyML-benchmark"
@@ -72,7 +74,7 @@ def test_which_set_depends_on_the_speaker_only():
         assert ds.which_set(name) == speaker_split
         assert ds.which_set(f"some/folder/{name}") == speaker_split
     # Percentages move the boundaries: everything is validation at 100 %.
-    assert {ds.which_set(n, 100.0, 0.0) for n in names} == {"validation"}
+    assert {ds.which_set(n, 1.0, 0.0) for n in names} == {"validation"}
     assert {ds.which_set(n, 0.0, 0.0) for n in names} == {"training"}
 
 
@@ -168,7 +170,7 @@ def resplit(real_clips):
 
 
 def test_twelve_class_task_draws_unknown_and_silence(real_data, resplit):
-    task = ds.build_task(resplit, "12", "training", root=real_data, silence_percentage=10, unknown_percentage=15, seed=3)
+    task = ds.build_task(resplit, "12", "training", root=real_data, silence_share=0.1, unknown_share=0.15, seed=3)
     assert task.labels == ds.LABELS_12
     counts = task.counts()
     n_targets = sum(counts[w] for w in ds.COMMANDS)
@@ -186,21 +188,21 @@ def test_twelve_class_task_draws_unknown_and_silence(real_data, resplit):
         if example.label == ds.UNKNOWN:
             assert example.path.parent.name not in ds.COMMANDS
 
-    again = ds.build_task(resplit, "12", "training", root=real_data, silence_percentage=10, unknown_percentage=15, seed=3)
+    again = ds.build_task(resplit, "12", "training", root=real_data, silence_share=0.1, unknown_share=0.15, seed=3)
     assert again.examples == task.examples
-    other = ds.build_task(resplit, "12", "training", root=real_data, silence_percentage=10, unknown_percentage=15, seed=4)
+    other = ds.build_task(resplit, "12", "training", root=real_data, silence_share=0.1, unknown_share=0.15, seed=4)
     assert other.examples != task.examples
 
 
-def test_task_split_composes_a_run_split_by_split(real_data, tmp_path):
-    options = dict(salt="tasks", validation_fraction=0.1, testing_fraction=0.1, seed=5)
-    splits = {s: ds.task_split(real_data, "12", s, **options) for s in ds.SPLITS}
+def test_a_recipe_composes_a_run_split_by_split(real_data, tmp_path):
+    recipe = RunRecipe(split=SplitRule("speaker", "tasks", 0.1, 0.1), seed=5)
+    splits = {s: recipe.task_split(real_data, s) for s in ds.SPLITS}
     clips = ds.split_by_speaker(ds.index_dataset(real_data), 0.1, 0.1, "tasks")
     for name, task in splits.items():
         # the same as composing it by hand with the split's own seed
         by_hand = ds.build_task(clips, "12", name, root=real_data, seed=5 + ds.SPLIT_SEED_OFFSET[name])
         assert task.examples == by_hand.examples and task.examples
-        indexed_once = ds.task_split(real_data, "12", name, clips=ds.index_dataset(real_data), **options)
+        indexed_once = recipe.task_split(real_data, name, clips=ds.index_dataset(real_data))
         assert indexed_once.examples == task.examples
     speakers = [{e.speaker for e in t.examples if e.label != ds.SILENCE} for t in splits.values()]
     assert not (speakers[0] & speakers[1] or speakers[0] & speakers[2] or speakers[1] & speakers[2])
@@ -209,18 +211,19 @@ def test_task_split_composes_a_run_split_by_split(real_data, tmp_path):
     (extra / "yes").mkdir(parents=True)
     wav = next((real_data / "yes").glob("*.wav"))
     (extra / "yes" / "synth0001_nohash_0.wav").write_bytes(wav.read_bytes())
-    with_extra = {s: ds.task_split(real_data, "12", s, extra_training=[extra], **options) for s in ds.SPLITS}
+    with_extra = dataclasses.replace(recipe, extra_training=[extra])
+    with_extra = {s: with_extra.task_split(real_data, s) for s in ds.SPLITS}
     added = [e for e in with_extra["training"].examples if e.path.parent.parent == extra]
     assert len(added) == 1 and added[0].label == "yes"
     assert with_extra["validation"].examples == splits["validation"].examples
     assert with_extra["testing"].examples == splits["testing"].examples
     with pytest.raises(ds.DatasetError, match="unknown split"):
-        ds.task_split(real_data, "12", "train")
+        recipe.task_split(real_data, "train")
 
 
 def test_given_silence_clips_are_kept_and_none_drawn(real_data, real_clips):
     clips = ds.split_by_speaker(real_clips, 0.1, 0.1, salt="tasks")
-    task = ds.build_task(clips, "12", "training", root=real_data, silence_percentage=50)
+    task = ds.build_task(clips, "12", "training", root=real_data, silence_share=0.5)
     silence = [e for e in task.examples if e.label == ds.SILENCE]
     expected = sorted(c.path for c in clips if c.split == "training" and c.word == ds.SILENCE)
     assert sorted(e.path for e in silence) == expected and expected
@@ -259,7 +262,7 @@ def test_silence_without_background_noise_is_a_clear_error(tmp_path, resplit):
     with pytest.raises(ds.DatasetError, match="background noise"):
         ds.build_task(resplit, "12", "training", root=tmp_path)
     # Asking for no silence needs no noise.
-    task = ds.build_task(resplit, "12", "training", root=None, silence_percentage=0)
+    task = ds.build_task(resplit, "12", "training", root=None, silence_share=0)
     assert task.counts()["_silence_"] == 0
 
 
@@ -268,8 +271,8 @@ def test_bad_task_arguments(resplit):
         ds.build_task(resplit, "10")
     with pytest.raises(ds.DatasetError, match="unknown split"):
         ds.build_task(resplit, "12", "train")
-    with pytest.raises(ds.DatasetError, match="unknown_percentage"):
-        ds.build_task(resplit, "12", unknown_percentage=-5)
+    with pytest.raises(ds.DatasetError, match="unknown_share"):
+        ds.build_task(resplit, "12", unknown_share=-0.05)
 
 
 def test_background_noise_is_read_at_16k(real_data):

@@ -78,9 +78,9 @@ def test_train_save_predict_eval(tiny_data, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_gpu_flag_without_gpu_is_an_error(tiny_data, capsys):
-    assert main(["-m", "shufflenet", "-d", str(tiny_data), "-t", "-g"]) == 1
+    assert main(["-m", "shufflenet", "-d", str(tiny_data), "-t", "-g"]) == 2
     assert_one_line_error(capsys.readouterr().err, "no GPU")
-    assert main(["eval", "x.pt", str(tiny_data), "-g"]) == 1
+    assert main(["eval", "x.pt", str(tiny_data), "-g"]) == 2
     assert_one_line_error(capsys.readouterr().err, "no GPU")
 
 
@@ -98,10 +98,10 @@ def test_input_errors_are_one_line(tiny_data, tmp_path, capsys, monkeypatch):
         ([], "nothing to do"),
     ]
     for argv, needle in cases:
-        assert main(argv) == 1, argv
+        assert main(argv) == 2, argv
         assert_one_line_error(capsys.readouterr().err, needle)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert main(["eval", str(tmp_path / "junk.pt"), str(tiny_data)]) == 1
+    assert main(["eval", str(tmp_path / "junk.pt"), str(tiny_data)]) == 2
     assert_one_line_error(capsys.readouterr().err, "junk.pt")
     with pytest.raises(SystemExit) as exit_info:
         main(["-m", "vgg", "-d", str(tiny_data)])
@@ -114,7 +114,7 @@ def test_an_output_folder_nobody_can_write_is_refused_at_once(tiny_data, tmp_pat
     out.mkdir(mode=0o555)
     proc = run_unprivileged([sys.executable, "-m", "kws_train.cli", "-m", "mobilenet", "-d", str(tiny_data), "-t",
                              "-e", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")], timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert_one_line_error(proc, f"{out}: cannot be written: permission denied; choose a folder you can write to")
     assert not (tmp_path / "cache").exists()  # refused before any clip was decoded
 
@@ -123,6 +123,6 @@ def test_profile_prints_the_table(capsys):
     assert main(["profile", "--features", "seed", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {(r["model"], r["variant"]) for r in rows} == {
-        (m, v) for m in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5") for v in ("default", "seed")
+        (m, v) for m in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5") for v in ("default", "imagenet")
     }
     assert all(r["input"] == "40x32" and r["macs_per_clip"] > 0 for r in rows)

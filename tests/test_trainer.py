@@ -63,7 +63,7 @@ def test_run_writes_checkpoints_metrics_and_figures(trained):
     assert summary["best_val_accuracy"] == max(r["val_acc"] for r in rows)
 
     best = load_checkpoint(out / "best.pt")
-    assert (best.architecture, best.variant, best.labels) == ("mobilenet_v2", "seed", list(LABELS_12))
+    assert (best.architecture, best.variant, best.labels) == ("mobilenet_v2", "imagenet", list(LABELS_12))
     assert best.spec.shape == (40, 32)
     assert best.config["batch_size"] == 8 and best.config["split_salt"] == SALT
     last = load_checkpoint(out / "last.pt")
@@ -182,9 +182,8 @@ def test_confusion_and_per_class_figures():
 
 
 def test_evaluate_and_predict_with_a_checkpoint(trained, tiny_data):
-    # the same split as training: the figures must equal the run's own test figures
-    result = evaluate_checkpoint(trained.best_path, tiny_data, split="testing", salt=SALT,
-                                 validation_fraction=0.2, testing_fraction=0.2)
+    # the checkpoint's recipe rebuilds the run's test split: the figures equal the run's own
+    result = evaluate_checkpoint(trained.best_path, tiny_data, split="testing")
     assert result.count == trained.test.count
     assert np.array_equal(result.confusion, trained.test.confusion)
     files = sorted((tiny_data / "yes").glob("*.wav"))[:3]

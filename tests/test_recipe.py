@@ -1,0 +1,60 @@
+"""The run recipe: one versioned object rebuilds a run's splits for training, eval and export."""
+
+import json
+
+import pytest
+
+from kws_runtime import FeatureSpec
+from kws_train import dataset as ds
+from kws_train.recipe import RecipeError, RunRecipe, SplitRule, recipe_from_config, task_of_labels
+from kws_train.trainer import TrainConfig
+
+
+def test_recipe_round_trips_through_json():
+    recipe = RunRecipe(FeatureSpec.preset("fine"), "35", SplitRule("speaker", "x", 0.2, 0.15), 0.05, 0.2, 7, ("synth",))
+    again = RunRecipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
+    assert again == recipe and again.labels == tuple(ds.LABELS_35)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"version": 2}, "version 2 is not supported"), ({"colour": "blue"}, "unknown field"),
+     ({"labels": list(reversed(ds.LABELS_12))}, "in that order"), ({"silence_share": -1}, "silence_share"),
+     ({"split": {"method": "random"}}, "split method 'random'"), ({"split": {"validation_fraction": 0.9,
+                                                                            "testing_fraction": 0.2}}, "at most 1")],
+)
+def test_bad_recipes_are_refused_naming_the_field(change, message):
+    data = {**RunRecipe().to_dict(), **change}
+    with pytest.raises(RecipeError, match=message):
+        RunRecipe.from_dict(data)
+
+
+def test_train_config_derives_its_recipe_and_defaults_from_it():
+    config = TrainConfig(data="d", split="speaker", split_salt="s", silence_share=0.2, extra_train=["x"], seed=4)
+    recipe = config.recipe
+    assert recipe == RunRecipe(FeatureSpec.preset("fine"), "12", SplitRule("speaker", "s", 0.1, 0.1), 0.2, 0.1, 4, ("x",))
+    plain = TrainConfig(data="d")
+    assert plain.recipe.split == SplitRule() and plain.silence_share == RunRecipe().silence_share
+    with pytest.raises(ValueError, match="validation_fraction"):
+        TrainConfig(data="d", validation_fraction=1.5)
+
+
+def test_a_checkpoint_without_a_recipe_is_converted_once(real_data):
+    spec = FeatureSpec.preset("librosa")
+    legacy = {"split": "speaker", "split_salt": "tasks", "validation_fraction": 0.1, "testing_fraction": 0.1,
+              "silence_percentage": 20.0, "unknown_percentage": 5.0, "seed": 3, "extra_train": []}
+    converted = recipe_from_config(legacy, spec, ds.LABELS_12)
+    assert converted == RunRecipe(spec, "12", SplitRule("speaker", "tasks", 0.1, 0.1), 0.2, 0.05, 3, ())
+    # and it rebuilds what the old composition (by hand) gave
+    clips = ds.split_by_speaker(ds.index_dataset(real_data), 0.1, 0.1, "tasks")
+    by_hand = ds.build_task(clips, "12", "validation", root=real_data, silence_share=0.2, unknown_share=0.05,
+                            seed=3 + ds.SPLIT_SEED_OFFSET["validation"], spec=spec)
+    assert converted.task_split(real_data, "validation").examples == by_hand.examples
+    # a stored recipe wins over the loose fields
+    assert recipe_from_config({**legacy, "recipe": RunRecipe(spec).to_dict()}, spec, ds.LABELS_12) == RunRecipe(spec)
+
+
+def test_labels_name_their_task_in_order_only():
+    assert task_of_labels(ds.LABELS_12) == "12" and task_of_labels(ds.LABELS_35) == "35"
+    with pytest.raises(RecipeError, match="in that order"):
+        task_of_labels(sorted(ds.LABELS_12))
