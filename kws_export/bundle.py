@@ -30,7 +30,9 @@ import numpy as np
 import torch
 
 from kws_runtime.audio import AudioError
-from kws_runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_bundle, write_manifest
+from kws_runtime.bundle import (
+    FORMAT, FORMAT_VERSION, INT8_AGREEMENT_FLOOR, MANIFEST_NAME, file_sha256, load_bundle, write_manifest,
+)
 from kws_runtime.spec import FeatureSpec
 from kws_train.checkpoint import Checkpoint, load_checkpoint
 from kws_train.dataset import DatasetError, index_dataset, load_example
@@ -57,9 +59,6 @@ ARTIFACT_FILES = {kind.name: kind.file for kind in ARTIFACTS}
 FORMATS = tuple(ARTIFACT_FILES)
 INT8_FORMATS = tuple(kind.name for kind in ARTIFACTS if kind.int8)
 MIN_CALIBRATION_CLIPS = 500
-# int8 that agrees with fp32 on fewer test clips than this is warned about (here, in the
-# scorecard and by `kws info`): 3 decisions in 100 flipped is more than rounding.
-INT8_AGREEMENT_WARNING = 0.97
 
 
 class ExportError(ValueError):
@@ -460,6 +459,9 @@ def _check_targets(rows: list, warn: Callable) -> None:
             continue
         if r.accuracy is not None and fp32.accuracy is not None and fp32.accuracy - r.accuracy > 0.005:
             warn(f"{name}: accuracy {100 * r.accuracy:.2f}% is more than 0.5 points below fp32 ({100 * fp32.accuracy:.2f}%)")
+        if r.agreement is not None and r.agreement < INT8_AGREEMENT_FLOOR:
+            warn(f"{name} agrees with fp32 on only {100 * r.agreement:.1f}% of the {r.clips} test clips (below "
+                 f"{100 * INT8_AGREEMENT_FLOOR:.0f}%); kws predict uses the fp32 model unless asked for this one")
     onnx32, onnx8 = by_name.get("onnx_fp32"), by_name.get("onnx_int8")
     if onnx32 and onnx8:
         if onnx8.size > 0.3 * onnx32.size:

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from kws_runtime.bundle import INT8_AGREEMENT_FLOOR
 from kws_runtime.files import atomic_path, write_text_atomic
 from kws_runtime.spec import FeatureSpec
 
@@ -226,8 +227,11 @@ def scorecard_markdown(rows: Sequence[ScoreRow], title: str = "Scorecard", notes
     ]
     for r in rows:
         latency = "-" if r.latency_ms is None else f"{r.latency_ms:.3f}"
+        agreement = _pct(r.agreement)
+        if r.precision == "int8" and r.agreement is not None and r.agreement < INT8_AGREEMENT_FLOOR:
+            agreement += f" (below {100 * INT8_AGREEMENT_FLOOR:.0f}%)"
         lines.append(
-            f"| {r.artifact} | {r.file} | {r.format} | {r.precision} | {_pct(r.accuracy)} | {_pct(r.agreement)} | {_size(r.size)} | {latency} |"
+            f"| {r.artifact} | {r.file} | {r.format} | {r.precision} | {_pct(r.accuracy)} | {agreement} | {_size(r.size)} | {latency} |"
         )
     clips = {r.clips for r in rows if r.clips}
     if clips:

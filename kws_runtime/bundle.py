@@ -38,6 +38,9 @@ MANIFEST_NAME = "manifest.json"
 # Real manifests are a few tens of kB (the scorecard is the bulk); the cap keeps a hostile one
 # from making the reader parse gigabytes.
 MAX_MANIFEST_BYTES = 1 << 20
+# An int8 artifact that agrees with its fp32 model on fewer test clips than this has lost
+# more than rounding: kws-export and kws info warn, and Predictor does not pick it by default.
+INT8_AGREEMENT_FLOOR = 0.97
 ARTIFACT_FORMATS = ("onnx", "torchscript", "torchscript-lite")
 PRECISIONS = ("fp32", "int8")
 INPUT_KINDS = ("log_mel", "waveform")
@@ -113,6 +116,18 @@ class Bundle:
     @property
     def name(self) -> str:
         return self.model["name"]
+
+
+def low_agreement(artifact: "Artifact") -> Optional[str]:
+    """Why an int8 artifact should not be trusted by default (its measured agreement with fp32
+    is below `INT8_AGREEMENT_FLOOR`), or None (fp32, unmeasured, or agreeing)."""
+    agreement = artifact.metrics.get("agreement_fp32")
+    if artifact.precision != "int8" or not isinstance(agreement, (int, float)) or agreement >= INT8_AGREEMENT_FLOOR:
+        return None
+    clips = artifact.metrics.get("test_clips")
+    on = f" of {clips} test clips" if isinstance(clips, int) else " of the test clips"
+    return (f"{artifact.name} agrees with the fp32 model on only {100 * agreement:.1f}%{on} "
+            f"(below {100 * INT8_AGREEMENT_FLOOR:.0f}%): int8 lost more than rounding")
 
 
 def file_sha256(path, chunk_bytes: int = 1 << 20) -> str:

@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .audio import AUDIO_EXTENSIONS, AudioError, is_audio_file, load_audio
-from .bundle import Bundle, BundleError, load_bundle
+from .bundle import Bundle, BundleError, load_bundle, low_agreement
 from .files import os_error_reason
 
 from .exit_codes import CANNOT_RUN as EXIT_BAD_USAGE
@@ -97,6 +97,8 @@ def _predict(args) -> int:
     from .predict import Predictor
 
     predictor = Predictor(args.bundle, artifact=args.artifact, threads=args.threads)
+    for reason in predictor.skipped:
+        print(f"kws: note: {reason}; using {predictor.artifact.name} (--artifact picks one)", file=sys.stderr)
     failed = 0
     group: list = []
 
@@ -179,6 +181,10 @@ def _format(path, labels: Sequence[str], probs: np.ndarray, top_k: Optional[int]
 def _info(args) -> int:
     bundle = load_bundle(args.bundle)
     print(describe(bundle))
+    for artifact in bundle.artifacts.values():
+        reason = low_agreement(artifact)
+        if reason:
+            print(f"kws: warning: {reason}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -10,7 +10,9 @@ import soundfile
 from kws_runtime import AudioError, BundleError, Prediction, Predictor, load_audio, load_bundle
 from kws_runtime.bundle import write_manifest
 
-from bundle_builders import LABELS, SEED, artifact_entry, build_bundle, linear_onnx, linear_weights, manifest_for, waveform_onnx
+from bundle_builders import (
+    LABELS, SEED, artifact_entry, build_bundle, linear_onnx, linear_weights, manifest_for, read_manifest, waveform_onnx,
+)
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +239,28 @@ def test_every_broken_audio_file_is_an_audio_error(bundle, tmp_path):
         with pytest.raises(AudioError, match=message) as info:
             predictor.predict([np.zeros(100, np.float32), tmp_path / name])
         assert type(info.value) is AudioError and str(tmp_path / name) in str(info.value)
+
+
+@pytest.mark.parametrize("agreement, chosen", [(0.90, "onnx_fp32"), (0.99, "onnx_int8"), (None, "onnx_int8")])
+def test_an_int8_model_that_disagrees_with_fp32_is_not_the_default(tmp_path, agreement, chosen, capsys):
+    from kws_runtime.cli import main
+
+    path, _ = build_bundle(tmp_path / "b", int8=True)
+    manifest = read_manifest(path)
+    if agreement is not None:
+        manifest["artifacts"]["onnx_int8"]["metrics"] = {"agreement_fp32": agreement, "test_clips": 300}
+    write_manifest(path, manifest)
+    predictor = Predictor(path)
+    assert predictor.artifact.name == chosen
+    assert bool(predictor.skipped) == (chosen == "onnx_fp32")
+    assert Predictor(path, artifact="onnx_int8").artifact.name == "onnx_int8"  # asked for by name: used
+    clip = tmp_path / "clip.wav"
+    soundfile.write(clip, np.zeros(SEED.clip_samples, np.float32), SEED.sample_rate)
+    assert main(["predict", str(path), str(clip)]) == 0
+    assert main(["info", str(path)]) == 0
+    err = capsys.readouterr().err
+    if chosen == "onnx_fp32":
+        assert "kws: note: onnx_int8 agrees with the fp32 model on only 90.0% of 300 test clips" in err
+        assert "using onnx_fp32" in err and "kws: warning: onnx_int8 agrees" in err
+    else:
+        assert err == ""
