@@ -131,7 +131,7 @@ class ExportData:
 
 
 def _export_data(recipe: RunRecipe, calib_root, test_root, *, calib_clips: int, selection_clips: int,
-                 test_clips: Optional[int], seed: int, log: Callable, warn: Callable) -> ExportData:
+                 test_clips: Optional[int], test_split: str, seed: int, log: Callable, warn: Callable) -> ExportData:
     spec, labels = recipe.spec, list(recipe.labels)
     if recipe.split.method == "speaker" and (calib_root is not None or test_root is not None):
         log(f"splits: by speaker with the checkpoint's salt {recipe.split.salt!r}")
@@ -165,12 +165,12 @@ def _export_data(recipe: RunRecipe, calib_root, test_root, *, calib_clips: int, 
         else:  # no validation split: choose on the calibration clips themselves
             select_set = scorecard.EvalSet(chosen, [p[1] for p in chosen], spec, _load_pair)
     if test_root is not None:
-        tests = pairs(test_root, "testing")
+        tests = pairs(test_root, test_split)
         tests = _balanced(tests, test_clips, seed) if test_clips else tests
         if not tests:
-            raise ExportError(f"{test_root}: its testing split has no clips for the task; pass another --test folder")
+            raise ExportError(f"{test_root}: its {test_split} split has no clips for the task; pass another --test folder")
         test_set = scorecard.EvalSet(tests, [p[1] for p in tests], spec, _load_pair)
-        log(f"test: {len(tests)} clips from {test_root} (testing split)")
+        log(f"test: {len(tests)} clips from {test_root} ({'every clip' if test_split == 'all' else 'testing split'})")
     if test_set is not None:
         verify_set = test_set
     elif select_set is not None:
@@ -243,6 +243,7 @@ def export_bundle(
     calib_clips: int = MIN_CALIBRATION_CLIPS,
     selection_clips: int = 400,
     test_clips: Optional[int] = None,
+    test_split: str = "testing",
     onnx_quant: OnnxQuantConfig = OnnxQuantConfig(),
     torch_quant: TorchQuantConfig = TorchQuantConfig(),
     select_quantization: bool = True,
@@ -271,6 +272,8 @@ def export_bundle(
             but warned about.
         selection_clips: validation clips used to choose between int8 settings.
         test_clips: cap on the test clips scored (``None``: the whole split).
+        test_split: ``"testing"`` (the run's testing split of ``test_root``) or ``"all"``
+            (every clip of ``test_root``: a folder of speakers the run never met).
         onnx_quant: the ONNX int8 setting tried first.
         torch_quant: the TorchScript int8 setting tried first.
         select_quantization: when the first setting flips more than 0.5% of the fp32
@@ -295,6 +298,8 @@ def export_bundle(
     """
     if threads is not None and threads < 1:
         raise ExportError(f"threads must be >= 1, got {threads}")
+    if test_split not in ("testing", "all"):
+        raise ExportError(f"test_split must be 'testing' or 'all', got {test_split!r}")
     log = log or (lambda line: None)
     warnings_: list = []
 
@@ -308,7 +313,7 @@ def export_bundle(
         out_dir = Path(out_dir)
         _check_out_dir(out_dir, force)
         data = _export_data(recipe, calib_root, test_root, calib_clips=calib_clips, selection_clips=selection_clips,
-                            test_clips=test_clips, seed=seed, log=log, warn=warn)
+                            test_clips=test_clips, test_split=test_split, seed=seed, log=log, warn=warn)
         _prepare_out_dir(out_dir, force)
         model = ckpt.model.cpu().eval()
         x_verify = data.verify_set.features()
@@ -331,7 +336,8 @@ def export_bundle(
                 warn(f"{name_} was not written: {result.error}")
         _check_targets(rows, warn)
         model_name = name or _default_name(Path(checkpoint_path))
-        manifest = _manifest(ckpt, model_name, entries, rows, data.test_set, results, warnings_, Path(checkpoint_path))
+        manifest = _manifest(ckpt, model_name, entries, rows, data.test_set, test_split, results, warnings_,
+                         Path(checkpoint_path))
         manifest_path = None
         if entries:
             scorecard.write_scorecard(rows, out_dir, f"{model_name} ({ckpt.architecture}, {ckpt.variant})",
@@ -412,8 +418,8 @@ def _score(entries: dict, runners: dict, data: ExportData, latency_runs: int, lo
     return rows
 
 
-def _manifest(ckpt: Checkpoint, model_name: str, entries: dict, rows: list, test_set, results: dict,
-              warnings_: list, checkpoint_path: Path) -> dict:
+def _manifest(ckpt: Checkpoint, model_name: str, entries: dict, rows: list, test_set, test_split: str,
+              results: dict, warnings_: list, checkpoint_path: Path) -> dict:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -428,7 +434,7 @@ def _manifest(ckpt: Checkpoint, model_name: str, entries: dict, rows: list, test
             "torch": torch.__version__,
             "onnxruntime": _version("onnxruntime"),
             "machine": platform.machine(),
-            "test_data": None if test_set is None else {"clips": len(test_set), "split": "testing"},
+            "test_data": None if test_set is None else {"clips": len(test_set), "split": test_split},
             "latency": "median per clip, batch 1, one thread (onnxruntime intra_op_num_threads=1, torch.set_num_threads(1))",
             "failed": {k: r.error for k, r in results.items() if not r.ok},
             "warnings": warnings_,

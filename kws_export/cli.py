@@ -11,6 +11,7 @@ verified, 1 when some failed (the others are in the bundle), 2 when nothing coul
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from typing import Optional, Sequence
 
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset root used for both --calib and --test")
     p.add_argument("--calib", help="dataset root whose training split calibrates the int8 models")
     p.add_argument("--test", help="dataset root whose testing split is scored")
+    p.add_argument("--test-all", action="store_true",
+                   help="score every clip of --test, whatever its split (a folder of speakers the run never met)")
     p.add_argument(
         "--formats",
         nargs="+",
@@ -64,25 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FORMAT",
         help=f"artifacts to make: {', '.join(FORMATS)}, or a group ({', '.join(GROUPS)}); default all",
     )
+    # defaults are export_bundle's and OnnxQuantConfig's own, never restated
+    default = {name: param.default for name, param in inspect.signature(export_bundle).parameters.items()}
+    first = OnnxQuantConfig()
     q = p.add_argument_group("int8")
     q.add_argument("--calib-clips", type=int, default=MIN_CALIBRATION_CLIPS, help=f"calibration clips, balanced across classes (default {MIN_CALIBRATION_CLIPS})")
     q.add_argument("--allow-few-calib", action="store_true", help=f"accept --calib-clips below {MIN_CALIBRATION_CLIPS}")
-    q.add_argument("--calib-method", choices=sorted(CALIBRATION_METHODS), default="minmax", help="ONNX activation calibration (default minmax)")
+    q.add_argument("--calib-method", choices=sorted(CALIBRATION_METHODS), default=first.method,
+                   help=f"ONNX activation calibration (default {first.method})")
     q.add_argument(
         "--activations",
         choices=sorted(ACTIVATION_TYPES),
-        default="uint8",
-        help="ONNX activation type (default uint8: onnxruntime's fast path on x86; int8 for ARM targets)",
+        default=first.activations,
+        help=f"ONNX activation type (default {first.activations}: onnxruntime's fast path on x86; int8 for ARM targets)",
     )
     q.add_argument("--per-tensor", action="store_true", help="start from per-tensor weight scales instead of per-channel")
     q.add_argument("--reduce-range", action="store_true", help="start from 7-bit weights (ONNX) / activations (TorchScript)")
     q.add_argument("--float-ends", action="store_true", help="start with the first convolution and the classifier kept in float")
     q.add_argument("--no-select", action="store_true", help="keep the first int8 setting even if it loses accuracy")
     q.add_argument("--try-all", action="store_true", help="try every int8 setting and keep the best")
-    q.add_argument("--selection-clips", type=int, default=400, help="validation clips that choose the int8 setting (default 400)")
+    q.add_argument("--selection-clips", type=int, default=default["selection_clips"],
+                   help=f"validation clips that choose the int8 setting (default {default['selection_clips']})")
     s = p.add_argument_group("scorecard")
     s.add_argument("--test-clips", type=int, help="score at most this many test clips (default all)")
-    s.add_argument("--latency-runs", type=int, default=50, help="timed runs per artifact, 0 to skip (default 50)")
+    s.add_argument("--latency-runs", type=int, default=default["latency_runs"],
+                   help=f"timed runs per artifact, 0 to skip (default {default['latency_runs']})")
     p.add_argument("--threads", type=int, help="torch threads while exporting (default: torch's choice)")
     p.add_argument("--name", help="model name in the manifest (default: the checkpoint's run folder or file name)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle in --out")
@@ -115,6 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             calib_clips=args.calib_clips,
             selection_clips=args.selection_clips,
             test_clips=args.test_clips,
+            test_split="all" if args.test_all else "testing",
             onnx_quant=OnnxQuantConfig(args.calib_method, not args.per_tensor, args.reduce_range, args.activations, args.float_ends),
             torch_quant=TorchQuantConfig(not args.per_tensor, args.reduce_range, float_ends=args.float_ends),
             select_quantization=not args.no_select,

@@ -119,7 +119,10 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--salt", help="re-split by speaker with this salt instead of the run's split")
     p.add_argument("--val-fraction", type=float, metavar="F", help="with --salt: validation share (default the run's)")
     p.add_argument("--test-fraction", type=float, metavar="F", help="with --salt: testing share (default the run's)")
-    p.add_argument("-b", "--batch-size", type=int, default=256, metavar="N")
+    from .evaluate import EVAL_BATCH_SIZE
+
+    p.add_argument("-b", "--batch-size", type=int, default=EVAL_BATCH_SIZE, metavar="N",
+                   help=f"clips per forward pass (default {EVAL_BATCH_SIZE})")
     p.add_argument("-g", "--gpu", action="store_true", help="use the GPU (an error if there is none)")
     p.add_argument("--plot", metavar="PNG", help="also write the confusion matrix as a PNG")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")

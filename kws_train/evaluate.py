@@ -20,10 +20,13 @@ from torch import nn
 from kws_runtime.spec import FeatureSpec
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .dataset import SPLITS, UNKNOWN, index_dataset, load_example, noise_files
+from .dataset import SPLITS, UNKNOWN, load_example, noise_files
 from .distributed import all_reduce_sum
 from .frontend import Frontend
-from .recipe import RunRecipe, SplitRule
+from .recipe import RunRecipe
+
+# Clips per forward pass when scoring (memory, not results, depends on it).
+EVAL_BATCH_SIZE = 256
 
 __all__ = [
     "EvalResult",
@@ -133,7 +136,7 @@ def evaluate_model(
     targets: np.ndarray,
     labels: Sequence[str],
     *,
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
     device=None,
     autocast_dtype: Optional[torch.dtype] = None,
     channels_last: bool = False,
@@ -212,7 +215,7 @@ def evaluate_checkpoint(
     *,
     split: str = "auto",
     recipe: Optional[RunRecipe] = None,
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
     device: str = "cpu",
     progress: bool = False,
 ) -> EvalResult:
@@ -244,11 +247,7 @@ def evaluate_checkpoint(
     if not noise_files(data_root):
         # nothing to cut silence from: score the words (and any ready-made silence clips)
         recipe = dataclasses.replace(recipe, silence_share=0.0)
-    clips = None
-    if split == "all":
-        clips = [dataclasses.replace(c, split="testing") for c in index_dataset(data_root)]
-        recipe, split = dataclasses.replace(recipe, split=SplitRule()), "testing"
-    examples = recipe.task_split(data_root, split, clips=clips)
+    examples = recipe.task_split(data_root, split)
     if not examples.examples:
         raise ValueError(f"{data_root}: no clips of the {recipe.task}-class task in the {split!r} split")
     return evaluate_examples(ckpt.model, ckpt.spec, examples.examples, ckpt.labels,
@@ -261,7 +260,7 @@ def evaluate_examples(
     examples: Sequence,
     labels: Sequence[str],
     *,
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
     device: str = "cpu",
     progress: bool = False,
 ) -> EvalResult:

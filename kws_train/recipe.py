@@ -113,13 +113,16 @@ class RunRecipe:
 
         Args:
             root: the run's Speech Commands folder (or another one to score on).
-            split: ``"training"``, ``"validation"`` or ``"testing"``.
+            split: ``"training"``, ``"validation"``, ``"testing"``, or ``"all"``: every clip of
+                ``root`` as a test example, whatever its split (a folder of unseen speakers).
             clips: ``index_dataset(root)``, when the caller builds several splits and indexes once.
         """
-        if split not in SPLITS:
-            raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+        if split not in SPLITS + ("all",):
+            raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS + ('all',))}")
         clips = index_dataset(root) if clips is None else list(clips)
         rule = self.split
+        if split == "all":
+            clips, rule, split = [dataclasses.replace(c, split="testing") for c in clips], SplitRule(), "testing"
         if rule.method == "speaker":
             clips = split_by_speaker(clips, rule.validation_fraction, rule.testing_fraction, rule.salt)
         if split == "training":

@@ -45,7 +45,7 @@ from .dataset import SPLITS, TASKS, background_noise, index_dataset
 from .distributed import (
     DistContext, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed,
 )
-from .evaluate import EvalResult, evaluate_model
+from .evaluate import EVAL_BATCH_SIZE, EvalResult, evaluate_model
 from .models import build_model, canonical_architecture, canonical_variant
 from .recipe import RecipeError, RunRecipe, SplitRule, default_of
 
@@ -153,7 +153,7 @@ class TrainConfig:
     cache_dir: Optional[str] = None
     workers: int = 2
     threads: Optional[int] = None
-    eval_batch_size: int = 256
+    eval_batch_size: int = EVAL_BATCH_SIZE
     save_weights: Optional[str] = None
     quiet: bool = False
 
