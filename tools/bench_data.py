@@ -92,7 +92,7 @@ def best(runs):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset root (default: %(default)s)")
-    parser.add_argument("--preset", default="seed", help="feature preset: seed or fine (default: %(default)s)")
+    parser.add_argument("--preset", default="librosa", help="feature preset: librosa or fine (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers (default: %(default)s)")
     parser.add_argument("--cache-threads", type=int, default=2, help="decoding threads for the cache (default: %(default)s)")

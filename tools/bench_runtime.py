@@ -4,7 +4,7 @@
     python tools/bench_runtime.py --clips 64 --repeats 50
     python tools/bench_runtime.py --bundle bundles/resnet18   # RSS of `kws predict` on a real bundle
 
-Prints, for the "seed" (40 x 32) and "fine" (40 x 101) feature presets, `log_mel` against
+Prints, for the "librosa" (40 x 32) and "fine" (40 x 101) feature presets, `log_mel` against
 librosa on 1 s clips: one clip at a time, and a batch of clips (librosa one call per clip, and
 librosa given the whole batch as channels), as microseconds per clip, speed-up and the largest
 difference in dB. Then the time of ``import kws_runtime`` beside ``import torch`` (fresh
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         print("| preset | shape | mode | kws_runtime us/clip | librosa us/clip | speed-up | max diff dB |")
         print("|---|---|---|---:|---:|---:|---:|")
         floors = []
-        for preset in ("seed", "fine"):
+        for preset in ("librosa", "fine"):
             for row in bench_features(FeatureSpec.preset(preset), clips, args.repeats):
                 print("| " + " | ".join(row) + " |")
             floors.append(f"{preset} {fft_floor_us(FeatureSpec.preset(preset), args.repeats):.0f} us")
@@ -123,7 +123,7 @@ def bench_features(spec: FeatureSpec, clips: np.ndarray, repeats: int) -> list:
     diff_c = np.abs(ours - reference_channels(clips)).max()
     n = len(clips)
     shape = f"{spec.n_mels}x{spec.n_frames}"
-    name = next(k for k in ("seed", "fine") if FeatureSpec.preset(k) == spec)
+    name = next(k for k in ("librosa", "fine") if FeatureSpec.preset(k) == spec)
     us = lambda s: f"{s * 1e6:.0f}"  # noqa: E731
     return [
         [name, shape, "1 clip", us(ours_1), us(theirs_1), f"{theirs_1 / ours_1:.1f}x", f"{diff_1:.1e}"],

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--features", nargs="+", default=["fine", "seed"], choices=["fine", "seed"])
+    parser.add_argument("--features", nargs="+", default=["fine", "librosa"], choices=["fine", "librosa"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")

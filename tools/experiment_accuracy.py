@@ -6,7 +6,7 @@ official test set) is re-split by speaker with `kws_train.dataset.split_by_speak
 12-class task), so no speaker is in two splits. Optionally synthetic speech from
 ``kws-data synth`` joins the training split only (validation and test stay real).
 
-    python tools/experiment_accuracy.py --runs resnet18:default:fine resnet18:seed:fine
+    python tools/experiment_accuracy.py --runs resnet18:default:fine resnet18:imagenet:fine
     python tools/experiment_accuracy.py --runs resnet18:default:fine --synth runs/synth-commands runs/synth-others
     python tools/experiment_accuracy.py --report          # table of every finished run
 
@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kws_train.models import ARCHITECTURES, VARIANTS, canonical_architecture  # noqa: E402
+from kws_runtime.spec import PRESETS, canonical_preset  # noqa: E402
+from kws_train.models import ARCHITECTURES, VARIANTS, canonical_architecture, canonical_variant  # noqa: E402
 from kws_train.trainer import TrainConfig, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,14 +44,9 @@ def parse_run(text: str):
         raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL:VARIANT:FEATURES, e.g. resnet18:default:fine")
     architecture, variant, features = parts
     try:
-        architecture = canonical_architecture(architecture)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    if variant not in VARIANTS:
-        raise argparse.ArgumentTypeError(f"{text!r}: variant must be one of {', '.join(VARIANTS)}")
-    if features not in ("seed", "fine"):
-        raise argparse.ArgumentTypeError(f"{text!r}: features must be seed or fine")
-    return architecture, variant, features
+        return canonical_architecture(architecture), canonical_variant(variant), canonical_preset(features)
+    except ValueError as error:  # names the choices
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
 
 def report(out: Path) -> str:
@@ -91,7 +87,7 @@ def main(argv=None) -> int:
     if args.report:
         print(report(out))
         return 0
-    runs = args.runs or [(a, v, f) for f in ("fine", "seed") for a in ARCHITECTURES for v in VARIANTS]
+    runs = args.runs or [(a, v, f) for f in PRESETS for a in ARCHITECTURES for v in VARIANTS]
     for architecture, variant, features in runs:
         name = run_name(architecture, variant, features, bool(args.synth), args.seed)
         folder = out / name
