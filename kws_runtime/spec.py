@@ -140,26 +140,32 @@ class FeatureSpec:
     @classmethod
     def from_dict(cls, data: Any) -> "FeatureSpec":
         """Build a spec from `to_dict` output; unknown versions and fields are refused."""
-        if not isinstance(data, dict):
-            raise SpecError(f"feature spec must be a JSON object, got {type(data).__name__}")
-        fields = dict(data)
-        version = fields.pop("version", None)
-        if version != SPEC_VERSION:
-            raise SpecError(
-                f"feature spec version {version!r} is not supported (this version reads {SPEC_VERSION}); "
-                "upgrade the toolkit or re-export the model"
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise SpecError(f"feature spec has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**fields)
+        return cls(**versioned_fields(data, cls, SPEC_VERSION, "feature spec", SpecError,
+                                      "upgrade the toolkit or re-export the model"))
 
     @classmethod
     def preset(cls, name: str) -> "FeatureSpec":
         """A named configuration (`PRESETS`): ``"librosa"`` (the default spec, 40 x 32) or
         ``"fine"`` (30 ms / 10 ms, 40 x 101); ``"seed"`` is accepted for ``"librosa"``."""
         return PRESETS[canonical_preset(name)]
+
+
+def versioned_fields(data: Any, cls, version: int, what: str, error, fix: str = "upgrade the toolkit",
+                     extra: tuple = ()) -> dict:
+    """The fields of a versioned JSON object written by a dataclass's ``to_dict``: checks it is
+    an object of ``version`` naming only ``cls``'s fields (and ``extra`` keys), else raises
+    ``error`` saying what is wrong."""
+    if not isinstance(data, dict):
+        raise error(f"{what} must be a JSON object, got {type(data).__name__}")
+    fields = dict(data)
+    found = fields.pop("version", None)
+    if found != version:
+        raise error(f"{what} version {found!r} is not supported (this version reads {version}); {fix}")
+    known = {f.name for f in dataclasses.fields(cls)} | set(extra)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise error(f"{what} has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return fields
 
 
 def _is_number(value) -> bool:

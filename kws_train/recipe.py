@@ -15,7 +15,7 @@ import dataclasses
 import math
 from typing import Any, Mapping, Optional, Sequence
 
-from kws_runtime.spec import FeatureSpec, SpecError
+from kws_runtime.spec import FeatureSpec, SpecError, versioned_fields
 
 from .dataset import (
     LABELS_12, LABELS_35, SPLIT_SEED_OFFSET, SPLITS, TASKS, DatasetError, TaskSplit, build_task, index_dataset,
@@ -154,16 +154,9 @@ class RunRecipe:
     @classmethod
     def from_dict(cls, data: Any) -> "RunRecipe":
         """Read `to_dict` output; an unknown version or field is refused."""
-        if not isinstance(data, Mapping):
-            raise RecipeError(f"a run recipe must be a JSON object, got {type(data).__name__}")
-        fields = dict(data)
-        version = fields.pop("version", None)
-        if version != RECIPE_VERSION:
-            raise RecipeError(f"run recipe version {version!r} is not supported (this version reads {RECIPE_VERSION})")
+        fields = versioned_fields(dict(data) if isinstance(data, Mapping) else data, cls, RECIPE_VERSION, "run recipe",
+                                  RecipeError, extra=("labels",))
         labels = fields.pop("labels", None)
-        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise RecipeError(f"run recipe has unknown field(s) {', '.join(unknown)}")
         try:
             fields["spec"] = FeatureSpec.from_dict(fields.get("spec"))
             fields["split"] = SplitRule(**dict(fields.get("split") or {}))
