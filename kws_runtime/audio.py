@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -110,6 +110,54 @@ def _regular_file_size(path: Path) -> int:
     if not stat.S_ISREG(info.st_mode):
         raise AudioError(path, "not a regular file")
     return info.st_size
+
+
+def stream_audio(path, sample_rate: int = 16000, block_seconds: float = 1.0) -> Iterator[np.ndarray]:
+    """Read a recording of any length block by block: float32 mono blocks at ``sample_rate``.
+
+    Memory stays bounded by a block whatever the file's length: channels are averaged per
+    block and other rates go through soxr's streaming resampler. The checks are `read_audio`'s
+    (missing, unreadable, empty, not audio, NaN or absurd samples), raised when met.
+
+    Raises:
+        AudioError: naming the file and what is wrong with it.
+    """
+    import soundfile
+
+    path = Path(path)
+    try:
+        if _regular_file_size(path) == 0:
+            raise AudioError(path, "file is empty (0 bytes)")
+        stream = soundfile.SoundFile(str(path))
+    except OSError as exc:
+        raise AudioError(path, os_error_reason(exc)) from None
+    except (soundfile.SoundFileError, RuntimeError) as exc:
+        raise AudioError(path, f"not a readable audio file ({_libsndfile_reason(exc)})") from None
+    with stream:
+        if stream.frames == 0 or stream.samplerate <= 0:
+            raise AudioError(path, "contains no audio samples")
+        resampler = None
+        if stream.samplerate != sample_rate:
+            import soxr
+
+            resampler = soxr.ResampleStream(stream.samplerate, sample_rate, 1, dtype="float32")
+        block = max(1, int(block_seconds * stream.samplerate))
+        try:
+            for data in stream.blocks(blocksize=block, dtype="float32", always_2d=True):
+                problem = check_samples(data)
+                if problem:
+                    raise AudioError(path, problem)
+                mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+                if resampler is not None:
+                    mono = resampler.resample_chunk(mono)
+                if len(mono):
+                    yield np.ascontiguousarray(mono, dtype=np.float32)
+        except (soundfile.SoundFileError, RuntimeError) as exc:
+            raise AudioError(path, f"could not be decoded ({_libsndfile_reason(exc)})") from None
+        if resampler is not None:
+            tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+            if len(tail):
+                yield np.ascontiguousarray(tail, dtype=np.float32)
 
 
 def fit_length(audio: np.ndarray, n_samples: int) -> np.ndarray:

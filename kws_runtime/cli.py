@@ -1,6 +1,8 @@
-"""``kws``: classify audio files with a model bundle, or describe a bundle.
+"""``kws``: classify audio files with a model bundle, find keywords in streams, describe a bundle.
 
     kws predict BUNDLE PATH... [--top-k K] [--json] [--artifact NAME] [--threads N]
+    kws stream BUNDLE FILE... [--json] [--threshold T] [--hop-ms MS]     (kws_runtime.stream_cli)
+    kws listen BUNDLE [--device ID] [--list-devices]
     kws info BUNDLE
 
 Exit status (`kws_runtime.exit_codes`, shared by all four commands): 0 when every file was
@@ -77,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a bundle", description="Print a bundle's manifest as tables.")
     info.add_argument("bundle", metavar="BUNDLE", help="model bundle folder (with manifest.json)")
     info.set_defaults(run=_info)
+
+    from .stream_cli import add_commands
+
+    add_commands(commands, _positive)
     return parser
 
 

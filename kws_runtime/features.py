@@ -7,6 +7,7 @@ trained on and the features it is served with cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -166,6 +167,26 @@ def log_mel(audio, spec: FeatureSpec = _DEFAULT) -> np.ndarray:
     return out[0] if single else out
 
 
+def frame_mel_power(audio, spec: FeatureSpec = _DEFAULT) -> np.ndarray:
+    """Mel-band power of every full frame of ``audio`` as it is, without centring or padding:
+    row ``k`` is the frame ``audio[k * hop_length : k * hop_length + n_fft]``.
+
+    The same computation as `log_mel`'s before the decibels (the streaming detector assembles
+    a window's features from these rows and converts them with `power_to_db`).
+
+    Args:
+        audio: float ``(samples,)``, at least ``n_fft`` samples.
+
+    Returns:
+        float64 ``(frames, n_mels)``.
+    """
+    audio = np.asarray(audio)
+    if audio.ndim != 1 or len(audio) < spec.n_fft:
+        raise ValueError(f"frame_mel_power takes (samples,) of at least n_fft={spec.n_fft}, got {audio.shape}")
+    flat = dataclasses.replace(spec, center=False, clip_samples=len(audio), hop_length=min(spec.hop_length, len(audio)))
+    return _mel_power(audio[None], flat)[0]
+
+
 # Clips transformed per numpy call: enough to spread the per-call overhead, few enough that
 # the windowed frames and their spectra stay in cache (about 0.5 MB per clip for 40 x 32).
 _CHUNK_BYTES = 1 << 20
@@ -268,9 +289,12 @@ _PLANS: dict = {}
 
 def _plan(spec: FeatureSpec) -> _Plan:
     # Built once per spec: it costs more than the features of a clip.
-    plan = _PLANS.get(spec)
+    # keyed by what the window and the filterbank depend on, not the clip length or padding
+    key = (spec.sample_rate, spec.n_fft, spec.win_length, spec.window, spec.n_mels, spec.fmin, spec.fmax, spec.htk,
+           spec.mel_norm)
+    plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[spec] = _Plan(spec)
+        plan = _PLANS[key] = _Plan(spec)
     return plan
 
 

@@ -168,21 +168,34 @@ class Predictor:
             for b, p in zip(best, probs)
         ]
 
+    def probabilities_of_features(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(clips, labels)`` for log-mel features ``(clips, n_mels, frames)``
+        computed elsewhere (the streaming detector's incremental ones); log-mel artifacts only."""
+        if self.artifact.input_kind != "log_mel":
+            raise ValueError(f"{self.artifact.name} takes the waveform, not log-mel features")
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 3 or features.shape[1:] != self.spec.shape:
+            raise ValueError(f"features must have shape (n, {self.spec.n_mels}, {self.spec.n_frames}), got {features.shape}")
+        return self._run_model(np.ascontiguousarray(features[:, None]), len(features))
+
     def _run(self, clips: np.ndarray) -> np.ndarray:
         if self.artifact.input_kind == "waveform":
             feed = np.ascontiguousarray(clips, dtype=np.float32)
         else:
             feed = log_mel(clips, self.spec)[:, None]
+        return self._run_model(feed, len(clips))
+
+    def _run_model(self, feed: np.ndarray, n: int) -> np.ndarray:
         try:
             (out,) = self._session.run([self.artifact.output_name], {self.artifact.input_name: feed})
         except Exception as exc:
             if not type(exc).__module__.startswith("onnxruntime"):
                 raise
             raise BundleError(f"{self.artifact.path}: onnxruntime failed to run it ({_first_line(exc)})") from None
-        if out.ndim != 2 or out.shape != (len(clips), len(self.labels)):
+        if out.ndim != 2 or out.shape != (n, len(self.labels)):
             raise BundleError(
-                f"{self.artifact.path}: returned shape {out.shape} for {len(clips)} clips, expected "
-                f"({len(clips)}, {len(self.labels)}) for the bundle's labels; re-export the bundle"
+                f"{self.artifact.path}: returned shape {out.shape} for {n} clips, expected "
+                f"({n}, {len(self.labels)}) for the bundle's labels; re-export the bundle"
             )
         if self.artifact.output_kind == "logits":
             return _softmax(out)

@@ -53,9 +53,10 @@ class LoopbackServer:
                 if server.drop_at is not None and start < server.drop_at:
                     body = body[: server.drop_at - start]
                     server.drop_at = None  # once
+                # recorded before the body goes out: a client that has read it finds it listed
+                server.requests.append((name, rng, len(body)))
                 self.wfile.write(body)
                 self.wfile.flush()
-                server.requests.append((name, rng, len(body)))
                 self.close_connection = True
 
             def log_message(self, *args):
