@@ -8,6 +8,7 @@ trained on and the features it is served with cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 
 import numpy as np
@@ -183,8 +184,12 @@ def frame_mel_power(audio, spec: FeatureSpec = _DEFAULT) -> np.ndarray:
     audio = np.asarray(audio)
     if audio.ndim != 1 or len(audio) < spec.n_fft:
         raise ValueError(f"frame_mel_power takes (samples,) of at least n_fft={spec.n_fft}, got {audio.shape}")
-    flat = dataclasses.replace(spec, center=False, clip_samples=len(audio), hop_length=min(spec.hop_length, len(audio)))
-    return _mel_power(audio[None], flat)[0]
+    return _mel_power(audio[None], _unpadded(spec, len(audio)))[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _unpadded(spec: FeatureSpec, n_samples: int) -> FeatureSpec:
+    return dataclasses.replace(spec, center=False, clip_samples=n_samples, hop_length=min(spec.hop_length, n_samples))
 
 
 # Clips transformed per numpy call: enough to spread the per-call overhead, few enough that
@@ -329,10 +334,22 @@ class _Workspace:
 _WORKSPACES = threading.local()
 
 
+# Workspaces kept per thread: a few shapes alternate in a streaming detector's hop (the
+# window's edges and its new frames).
+_KEPT_WORKSPACES = 4
+
+
 def _workspace(spec: FeatureSpec, n_clips: int, n_samples: int) -> _Workspace:
-    # Fresh megabyte-sized arrays cost page faults on every call; one set per thread is kept
-    # (threads never share one, so concurrent calls stay independent).
-    work = getattr(_WORKSPACES, "last", None)
-    if work is None or not work.fits(spec, n_clips, n_samples):
-        work = _WORKSPACES.last = _Workspace(spec, n_clips, n_samples)
+    # Fresh megabyte-sized arrays cost page faults on every call; a few sets per thread are
+    # kept (threads never share one, so concurrent calls stay independent).
+    kept = getattr(_WORKSPACES, "kept", None)
+    if kept is None:
+        kept = _WORKSPACES.kept = []
+    for i, work in enumerate(kept):
+        if work.fits(spec, n_clips, n_samples):
+            kept.insert(0, kept.pop(i))
+            return work
+    work = _Workspace(spec, n_clips, n_samples)
+    kept.insert(0, work)
+    del kept[_KEPT_WORKSPACES:]
     return work

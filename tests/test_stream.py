@@ -166,3 +166,10 @@ def test_evaluate_stream_writes_streams_and_a_report(real_data, tmp_path, capsys
         with open(out / f"{name}.csv") as f:
             assert next(csv.reader(f)) == ["label", "start", "end", "source"]
     assert "hits" in capsys.readouterr().out
+
+
+def test_a_config_that_could_never_fire_is_refused():
+    with pytest.raises(ValueError, match="nothing would ever fire"):
+        DetectorConfig(average_ms=300.0, hop_ms=100.0, min_count=4)
+    with pytest.raises(ValueError, match="threshold"):
+        DetectorConfig(threshold=1.5)

@@ -1,0 +1,107 @@
+"""Streaming cost: real-time factor of the detector, its overhead beyond the model run, and the
+peak memory of `kws stream` on a one-hour recording.
+
+    python tools/bench_stream.py pretrained/shufflenet-v2-0.5x [--minutes 2] [--hour]
+
+One thread. The detector's time per hop is split into the model run alone (the same windows'
+features through onnxruntime, measured in the same run, taking turns with the detector) and
+everything else (ring buffer, incremental features, smoothing): the overhead is reported as a
+fraction of the model's own time. `--hour` also writes a one-hour WAV and runs `kws stream` on
+it in a child process, reporting its peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kws_runtime.stream import Detector, DetectorConfig  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_commands_real"
+
+
+def stream_audio(minutes: float, seed: int = 0) -> np.ndarray:
+    from kws_runtime.stream_eval import build_stream
+
+    audio, _ = build_stream(REAL, 60 * minutes, 10.0, seed)
+    return audio
+
+
+def detector_cost(bundle: str, audio: np.ndarray, repeats: int = 3) -> dict:
+    detector = Detector(bundle, DetectorConfig(), threads=1)
+    windows = []
+    detector.on_scores = lambda t, p: None
+    totals, models = [], []
+    for _ in range(repeats):
+        detector.reset()
+        windows.clear()
+        # the detector, whole
+        start = time.perf_counter()
+        detector.feed(audio)
+        totals.append(time.perf_counter() - start)
+        # the model alone, on the features of the same windows
+        hop, clip = detector.hop, detector.spec.clip_samples
+        padded = np.concatenate([np.zeros(clip, np.float32), audio])
+        features = [detector.features(padded[end - clip : end], end - 2 * clip)
+                    for end in range(clip + hop, len(padded) + 1, hop)]
+        start = time.perf_counter()
+        for f in features:
+            detector.predictor.probabilities_of_features(f[None])
+        models.append(time.perf_counter() - start)
+    seconds = len(audio) / detector.spec.sample_rate
+    total, model = min(totals), min(models)
+    return {"audio_s": seconds, "hops": len(features), "real_time_factor": total / seconds,
+            "ms_per_hop": 1e3 * total / len(features), "model_ms_per_hop": 1e3 * model / len(features),
+            "overhead_vs_model": (total - model) / model, "incremental": detector.incremental}
+
+
+def hour_memory(bundle: str) -> dict:
+    import soundfile
+
+    piece = stream_audio(5.0, seed=7)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "hour.wav"
+        with soundfile.SoundFile(str(path), "w", 16000, 1, subtype="PCM_16") as f:
+            for _ in range(12):
+                f.write(piece)
+        # A small launcher forks kws stream: a child forked from this (large) process would
+        # count the pages it shares with it in its own peak.
+        launcher = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+                    "print(done.returncode, len(done.stdout.splitlines()), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", launcher, sys.executable, "-m", "kws_runtime.cli", "stream", bundle,
+                               str(path), "--threads", "1"], capture_output=True, text=True, check=True)
+        seconds = time.perf_counter() - start
+    code, events, peak_kb = map(int, done.stdout.split())
+    return {"exit": code, "events": events, "seconds": seconds, "peak_rss_mb": peak_kb / 1024}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundles", nargs="+")
+    parser.add_argument("--minutes", type=float, default=2.0, help="stream length for the timing (default 2)")
+    parser.add_argument("--hour", action="store_true", help="also measure kws stream's memory on a one-hour file")
+    args = parser.parse_args()
+    audio = stream_audio(args.minutes)
+    for bundle in args.bundles:
+        r = detector_cost(bundle, audio)
+        print(f"{Path(bundle).name}: real-time factor {r['real_time_factor']:.4f} ({r['ms_per_hop']:.2f} ms per 100 ms hop), "
+              f"model {r['model_ms_per_hop']:.2f} ms, overhead {100 * r['overhead_vs_model']:.1f} % of the model's time, "
+              f"incremental features: {r['incremental']}")
+        if args.hour:
+            m = hour_memory(bundle)
+            print(f"  kws stream on a 1-hour file: {m['seconds']:.0f} s, {m['events']} events, peak RSS {m['peak_rss_mb']:.0f} MB "
+                  f"(exit {m['exit']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
