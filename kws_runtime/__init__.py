@@ -1,10 +1,12 @@
-"""Torch-free keyword-spotting runtime: features, audio loading, model bundles, prediction."""
+"""Torch-free keyword-spotting runtime: features, audio loading, model bundles, prediction,
+streaming detection."""
 
 from .audio import AUDIO_EXTENSIONS, AudioError, fit_length, load_audio, read_audio
 from .bundle import Artifact, Bundle, BundleError, file_sha256, load_bundle, write_manifest
 from .features import analysis_window, log_mel, mel_filterbank
 from .predict import Prediction, Predictor
 from .spec import FeatureSpec, SpecError
+from .stream import Detector, DetectorConfig, Event
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -12,6 +14,9 @@ __all__ = [
     "AudioError",
     "Bundle",
     "BundleError",
+    "Detector",
+    "DetectorConfig",
+    "Event",
     "FeatureSpec",
     "Prediction",
     "Predictor",
