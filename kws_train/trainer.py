@@ -39,7 +39,7 @@ from kws_runtime.spec import FeatureSpec, canonical_preset
 
 from . import plots
 from .augment import AugmentConfig, build_frontend
-from .cache import BatchLoader, build_cache
+from .cache import BatchLoader, CachedSplit, build_cache
 from .checkpoint import CheckpointError, ResumeState, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .dataset import SPLITS, TASKS, background_noise, index_dataset
 from .distributed import (
@@ -438,9 +438,9 @@ def _load_resume_state(config: TrainConfig) -> Optional[tuple]:
 @dataclasses.dataclass
 class _RunData:
     labels: list
-    train: object  # cache.CachedSplit
-    val: object
-    test: Optional[object]
+    train: CachedSplit
+    val: CachedSplit
+    test: Optional[CachedSplit]
     loader: BatchLoader
 
 
