@@ -296,10 +296,7 @@ def export_bundle(
     Raises:
         ExportError: unusable checkpoint, output folder, data or format names.
     """
-    if threads is not None and threads < 1:
-        raise ExportError(f"threads must be >= 1, got {threads}")
-    if test_split not in ("testing", "all"):
-        raise ExportError(f"test_split must be 'testing' or 'all', got {test_split!r}")
+    formats = _check_request(formats, threads, test_split)
     log = log or (lambda line: None)
     warnings_: list = []
 
@@ -308,24 +305,15 @@ def export_bundle(
         log(f"warning: {message}")
 
     with scorecard.torch_threads(threads) if threads else contextlib.nullcontext():
-        formats = _check_formats(formats)
         ckpt, recipe = _load(checkpoint_path)
         out_dir = Path(out_dir)
         _check_out_dir(out_dir, force)
         data = _export_data(recipe, calib_root, test_root, calib_clips=calib_clips, selection_clips=selection_clips,
                             test_clips=test_clips, test_split=test_split, seed=seed, log=log, warn=warn)
         _prepare_out_dir(out_dir, force)
-        model = ckpt.model.cpu().eval()
-        x_verify = data.verify_set.features()
         tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
-        ctx = ExportContext(
-            model=model, spec=ckpt.spec, labels=list(ckpt.labels), verify_set=data.verify_set, x_verify=x_verify,
-            fp32_logits=checks.eager_logits(model, x_verify), calib_reader=data.calib_reader,
-            calib_counts=data.calib_counts, select_set=data.select_set,
-            select_fp32=checks.eager_logits(model, data.select_set.features()) if data.select_set is not None else None,
-            tmp_dir=tmp_dir, onnx_quant=onnx_quant, torch_quant=torch_quant,
-            select_quantization=select_quantization, try_all=try_all, log=log, warn=warn,
-        )
+        ctx = _context(ckpt, data, tmp_dir, onnx_quant=onnx_quant, torch_quant=torch_quant,
+                       select_quantization=select_quantization, try_all=try_all, log=log, warn=warn)
         try:
             results, entries, runners = _make_artifacts(ctx, formats, out_dir, data.test_set)
             rows = _score(entries, runners, data, latency_runs, log)
@@ -337,20 +325,42 @@ def export_bundle(
         _check_targets(rows, warn)
         model_name = name or _default_name(Path(checkpoint_path))
         manifest = _manifest(ckpt, model_name, entries, rows, data.test_set, test_split, results, warnings_,
-                         Path(checkpoint_path))
-        manifest_path = None
-        if entries:
-            scorecard.write_scorecard(rows, out_dir, f"{model_name} ({ckpt.architecture}, {ckpt.variant})",
-                                      [f"Warning: {w}" for w in warnings_])
-            manifest_path = write_manifest(out_dir, manifest)
-            load_bundle(out_dir)  # the runtime must accept what was written
-            log(f"wrote {manifest_path}")
-        else:
+                             Path(checkpoint_path))
+        manifest_path = _write_bundle(out_dir, manifest, rows, warnings_, warn, log) if entries else None
+        if manifest_path is None:
             warn("no artifact could be written: no manifest")
         return ExportReport(out_dir, manifest_path, results, warnings_, [r.to_dict() for r in rows])
 
 
-def _check_formats(formats: Sequence[str]) -> list:
+def _context(ckpt: Checkpoint, data: ExportData, tmp_dir: Path, **options) -> ExportContext:
+    """What the makers share: the float model, its outputs on the check and selection clips."""
+    model = ckpt.model.cpu().eval()
+    x_verify = data.verify_set.features()
+    select_fp32 = checks.eager_logits(model, data.select_set.features()) if data.select_set is not None else None
+    return ExportContext(
+        model=model, spec=ckpt.spec, labels=list(ckpt.labels), verify_set=data.verify_set, x_verify=x_verify,
+        fp32_logits=checks.eager_logits(model, x_verify), calib_reader=data.calib_reader, calib_counts=data.calib_counts,
+        select_set=data.select_set, select_fp32=select_fp32, tmp_dir=tmp_dir, **options,
+    )
+
+
+def _write_bundle(out_dir: Path, manifest: dict, rows: list, warnings_: list, warn: Callable, log: Callable) -> Path:
+    """The scorecard files and the manifest, read back by the runtime; returns the manifest's path."""
+    model = manifest["model"]
+    scorecard.write_scorecard(rows, out_dir, f"{model['name']} ({model['architecture']}, {model['variant']})",
+                              [f"Warning: {w}" for w in warnings_])
+    manifest_path = write_manifest(out_dir, manifest)
+    load_bundle(out_dir)  # the runtime must accept what was written
+    log(f"wrote {manifest_path}")
+    return manifest_path
+
+
+def _check_request(formats: Sequence[str], threads: Optional[int], test_split: str) -> list:
+    """The requested formats in table order, after checking the options."""
+    if threads is not None and threads < 1:
+        raise ExportError(f"threads must be >= 1, got {threads}")
+    if test_split not in ("testing", "all"):
+        raise ExportError(f"test_split must be 'testing' or 'all', got {test_split!r}")
     unknown = [f for f in formats if f not in ARTIFACT_FILES]
     if unknown:
         raise ExportError(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")

@@ -410,25 +410,10 @@ def synthesize_dataset(
         SynthError: bad arguments, ``out`` not empty, no eSpeak NG, no noise recordings.
     """
     words = check_words(list(LABELS_35) if words is None else words)
-    if per_word < 1:
-        raise SynthError(f"--per-word must be at least 1, got {per_word}")
-    if not (0.0 <= noise_probability <= 1.0):
-        raise SynthError(f"noise probability must be in [0, 1], got {noise_probability}")
-    if len(snr_db) != 2 or snr_db[0] > snr_db[1]:
-        raise SynthError(f"SNR range must be (low, high) with low <= high, got {snr_db}")
-    jobs = default_jobs() if jobs is None else int(jobs)
-    if jobs < 1:
-        raise SynthError(f"--jobs must be at least 1, got {jobs}")
+    jobs = _check_options(per_word, noise_probability, snr_db, default_jobs() if jobs is None else int(jobs))
     out = Path(out)
     _check_out(out, overwrite)
-    noise_paths = []
-    if noise is not None:
-        noise = Path(noise)
-        if not noise.is_dir():
-            raise SynthError(f"--noise {noise}: no such folder")
-        noise_paths = [str(p) for p in noise_files(noise)]
-        if not noise_paths:
-            raise SynthError(f"--noise {noise}: no audio files there (nor in {noise / BACKGROUND_NOISE})")
+    noise_paths = _noise_paths(noise)
     Espeak.get()  # fail here, with a clear message, rather than in every worker
 
     speakers = synthetic_speakers()
@@ -442,15 +427,7 @@ def synthesize_dataset(
             (staging / word).mkdir()
         _render_all(todo, staging, noise_paths, jobs, progress)
         seconds = time.perf_counter() - t0
-        used = sorted({j.speaker for j in todo}, key=lambda s: s.speaker_id)
-        split_of = {s: which_set(f"{s.speaker_id}{NOHASH}0.wav", validation_fraction, testing_fraction) for s in used}
-        for name in ("validation", "testing"):
-            rels = sorted(j.rel for j in todo if split_of[j.speaker] == name)
-            (staging / f"{name}_list.txt").write_text("".join(r + "\n" for r in rels))
-        (staging / "speakers.csv").write_text(
-            "speaker,voice,variant,split\n" + "".join(f"{s.speaker_id},{s.voice},{s.variant},{split_of[s]}\n" for s in used)
-        )
-        splits = {name: sum(1 for j in todo if split_of[j.speaker] == name) for name in ("training", "validation", "testing")}
+        used, splits = _write_splits(staging, todo, validation_fraction, testing_fraction)
         recipe = {
             "generator": "kws_train.synth",
             "engine": f"eSpeak NG {Espeak.get().version}",
@@ -503,6 +480,45 @@ def _write_background_noise(folder: Path, noise_paths: Sequence[str], seed: int,
     for name, noise in (("white_noise.wav", white), ("pink_noise.wav", pink)):
         noise = 0.1 * noise / np.sqrt(np.mean(noise**2))  # -20 dBFS RMS
         soundfile.write(str(folder / name), np.clip(noise, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
+
+
+def _check_options(per_word: int, noise_probability: float, snr_db, jobs: int) -> int:
+    if per_word < 1:
+        raise SynthError(f"--per-word must be at least 1, got {per_word}")
+    if not (0.0 <= noise_probability <= 1.0):
+        raise SynthError(f"noise probability must be in [0, 1], got {noise_probability}")
+    if len(snr_db) != 2 or snr_db[0] > snr_db[1]:
+        raise SynthError(f"SNR range must be (low, high) with low <= high, got {snr_db}")
+    if jobs < 1:
+        raise SynthError(f"--jobs must be at least 1, got {jobs}")
+    return jobs
+
+
+def _noise_paths(noise) -> list:
+    if noise is None:
+        return []
+    noise = Path(noise)
+    if not noise.is_dir():
+        raise SynthError(f"--noise {noise}: no such folder")
+    paths = [str(p) for p in noise_files(noise)]
+    if not paths:
+        raise SynthError(f"--noise {noise}: no audio files there (nor in {noise / BACKGROUND_NOISE})")
+    return paths
+
+
+def _write_splits(staging: Path, todo: list, validation_fraction: float, testing_fraction: float) -> tuple:
+    """``validation_list.txt``, ``testing_list.txt`` (the hash rule on each speaker) and
+    ``speakers.csv``; returns the speakers used and the clips per split."""
+    used = sorted({j.speaker for j in todo}, key=lambda s: s.speaker_id)
+    split_of = {s: which_set(f"{s.speaker_id}{NOHASH}0.wav", validation_fraction, testing_fraction) for s in used}
+    for name in ("validation", "testing"):
+        rels = sorted(j.rel for j in todo if split_of[j.speaker] == name)
+        (staging / f"{name}_list.txt").write_text("".join(r + "\n" for r in rels))
+    (staging / "speakers.csv").write_text(
+        "speaker,voice,variant,split\n" + "".join(f"{s.speaker_id},{s.voice},{s.variant},{split_of[s]}\n" for s in used)
+    )
+    splits = {name: sum(1 for j in todo if split_of[j.speaker] == name) for name in ("training", "validation", "testing")}
+    return used, splits
 
 
 def _render_all(todo: list, staging: Path, noise_paths: list, jobs: int, progress: bool) -> None:
