@@ -30,27 +30,4 @@ def __dir__():
     return sorted(list(globals()) + list(_HOME))
 
 
-__all__ = [
-    "ARTIFACT_FILES",
-    "ArtifactResult",
-    "ExportError",
-    "ExportReport",
-    "FORMATS",
-    "LogMelGraph",
-    "LogMelReader",
-    "MIN_CALIBRATION_CLIPS",
-    "OnnxQuantConfig",
-    "QuantizationError",
-    "TorchQuantConfig",
-    "WaveformClassifier",
-    "check_onnx",
-    "export_bundle",
-    "export_e2e",
-    "export_onnx",
-    "onnx_session",
-    "quantize_onnx",
-    "quantize_qnnpack",
-    "save_lite",
-    "save_torchscript",
-    "trace",
-]
+__all__ = sorted(_HOME)

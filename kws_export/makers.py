@@ -86,6 +86,10 @@ class ExportContext:
             self._shared["fp32_onnx"] = onnx_export.export_onnx(self.model, self.tmp_dir / "model.onnx", [1, *self.input_shape[1:]])
         return self._shared["fp32_onnx"]
 
+    def use_fp32_onnx(self, path: Path) -> None:
+        """Quantize from ``path`` (the bundle's verified fp32 file) instead of a scratch export."""
+        self._shared["fp32_onnx"] = path
+
     def quantized_torch(self) -> tuple:
         """``(traced int8 module, its eager outputs on x_verify, config, settings tried)``."""
         if "quantized_torch" not in self._shared:
@@ -159,7 +163,7 @@ def make_onnx_fp32(ctx: ExportContext, path: Path) -> Made:
     onnx_export.check_onnx(path)
     runner = scorecard.onnx_runner(path)
     check = checks.compare_float("onnx_fp32", checks.batched(runner, ctx.x_verify), ctx.fp32_logits, checks.FLOAT_ATOL)
-    ctx._shared["fp32_onnx"] = path  # verified: int8 is quantized from the bundle's own file
+    ctx.use_fp32_onnx(path)  # verified: int8 is quantized from the bundle's own file
     notes = {"opset": onnx_export.OPSET, "exporter": "torch.onnx (TorchScript-based)"}
     return Made({"format": "onnx", "precision": "fp32", **ctx.ports(), "notes": notes}, check, runner)
 

@@ -63,11 +63,7 @@ def read_audio(path, sample_rate: int = 16000, max_seconds: float = 30.0) -> np.
 
     path = Path(path)
     try:
-        size = _regular_file_size(path)
-        if size == 0:
-            raise AudioError(path, "file is empty (0 bytes)")
-        with open(path, "rb") as stream:  # a permission problem is reported here, in words
-            header = stream.read(12)
+        size, header = _check_file(path)
         info = soundfile.info(str(path))
     except OSError as exc:
         raise AudioError(path, os_error_reason(exc)) from None
@@ -99,7 +95,9 @@ def read_audio(path, sample_rate: int = 16000, max_seconds: float = 30.0) -> np.
     return np.ascontiguousarray(mono)
 
 
-def _regular_file_size(path: Path) -> int:
+def _check_file(path: Path) -> tuple:
+    """``(size, first 12 bytes)`` of a non-empty regular file we may read, before libsndfile
+    opens it: its errors say "System error." where Python's say "permission denied"."""
     # stat before open: opening a FIFO would block until something writes to it
     try:
         info = os.stat(path)
@@ -109,7 +107,10 @@ def _regular_file_size(path: Path) -> int:
         raise AudioError(path, "is a folder, not an audio file")
     if not stat.S_ISREG(info.st_mode):
         raise AudioError(path, "not a regular file")
-    return info.st_size
+    if info.st_size == 0:
+        raise AudioError(path, "file is empty (0 bytes)")
+    with open(path, "rb") as stream:
+        return info.st_size, stream.read(12)
 
 
 def stream_audio(path, sample_rate: int = 16000, block_seconds: float = 1.0) -> Iterator[np.ndarray]:
@@ -126,8 +127,7 @@ def stream_audio(path, sample_rate: int = 16000, block_seconds: float = 1.0) -> 
 
     path = Path(path)
     try:
-        if _regular_file_size(path) == 0:
-            raise AudioError(path, "file is empty (0 bytes)")
+        _check_file(path)
         stream = soundfile.SoundFile(str(path))
     except OSError as exc:
         raise AudioError(path, os_error_reason(exc)) from None

@@ -23,7 +23,9 @@ from typing import Iterable, List, Optional, Union
 import numpy as np
 
 from .bundle import Bundle
-from .features import _to_db_inplace, frame_mel_power
+from . import features
+from .audio import check_samples
+from .features import frame_mel_power
 from .predict import Predictor
 from .spec import FeatureSpec
 
@@ -213,8 +215,15 @@ class Detector:
         self.features.reset()
 
     def feed(self, chunk) -> List[Event]:
-        """Add samples; score each completed hop. Returns the events, oldest first."""
+        """Add samples; score each completed hop. Returns the events, oldest first.
+
+        Raises:
+            ValueError: samples that are NaN, infinite or absurd (`kws_runtime.audio.check_samples`).
+        """
         chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
+        problem = check_samples(chunk)
+        if problem:
+            raise ValueError(f"audio chunk {problem}")
         events: List[Event] = []
         start = 0
         while start < len(chunk):
@@ -257,15 +266,12 @@ class Detector:
 
 
 def _pad(window: np.ndarray, spec: FeatureSpec) -> np.ndarray:
-    if not spec.center:
-        return window.astype(np.float64)
-    half = spec.n_fft // 2
-    return np.pad(window.astype(np.float64), (half, half), mode=spec.pad_mode)
+    return features._pad(window[None], spec)[0]  # as log_mel pads a clip
 
 
 def _to_db(mel_power: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     # as log_mel does it: float32 before the logarithm, dB per window, (n_mels, frames)
-    return np.ascontiguousarray(_to_db_inplace(mel_power.astype(np.float32)[None], spec)[0].T)
+    return np.ascontiguousarray(features._to_db_inplace(mel_power.astype(np.float32)[None], spec)[0].T)
 
 
 def _runs(indices: Iterable[int]) -> list:

@@ -190,19 +190,20 @@ def evaluate(bundle, root, out, *, minutes: float = 5.0, snrs: Sequence[float] =
     log(f"keyword-free stream: {minutes:g} min, {len(quiet_truth)} unknown words")
     quiet = record_scores(detector, quiet_audio)
     hours = len(quiet_audio) / rate / 3600
+    grid = sorted(set(thresholds) | {config.threshold})
+    configs = {t: dataclasses.replace(config, threshold=float(t)) for t in grid}
+    quiet_events = {t: len(replay(*quiet, cfg, detector.labels)) for t, cfg in configs.items()}
     for snr in snrs:
         audio, truth = build_stream(root, 60 * minutes, snr, seed, sample_rate=rate)
         write_stream(out, f"stream-{snr:g}dB", audio, truth, rate)
         log(f"stream at {snr:g} dB: {minutes:g} min, {sum(p.label not in QUIET_LABELS for p in truth)} keywords")
         times, scores = record_scores(detector, audio)
         sweep = []
-        for threshold in sorted(set(thresholds) | {config.threshold}):
-            cfg = dataclasses.replace(config, threshold=float(threshold))
+        stream_hours = len(audio) / rate / 3600
+        for threshold, cfg in configs.items():
             counts = match(replay(times, scores, cfg, detector.labels), truth)
             # false alarms: the keyword-free stream's events and the events near no keyword here
-            quiet_events = len(replay(*quiet, cfg, detector.labels))
-            stream_hours = len(audio) / rate / 3600
-            fa_per_hour = (quiet_events + counts["false_alarms"]) / (hours + stream_hours)
+            fa_per_hour = (quiet_events[threshold] + counts["false_alarms"]) / (hours + stream_hours)
             sweep.append({"threshold": float(threshold), "hit_rate": counts["hits"] / max(1, counts["keywords"]),
                           "wrong_word_rate": counts["wrong_word"] / max(1, counts["keywords"]),
                           "false_alarms_per_hour": fa_per_hour,
