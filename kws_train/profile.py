@@ -19,7 +19,7 @@ from torch import nn
 from kws_runtime import FeatureSpec
 from kws_runtime.spec import PRESETS, canonical_preset
 
-from .models import ARCHITECTURES, VARIANTS, build_model
+from .models import ARCHITECTURES, VARIANTS, build_model, model_variants
 
 __all__ = ["profile_model", "profile_table", "format_table"]
 
@@ -59,7 +59,7 @@ def profile_table(
     architectures: Iterable[str] = ARCHITECTURES,
     variants: Iterable[str] = VARIANTS,
 ) -> List[dict]:
-    """Profile every architecture and variant on each feature preset's input shape.
+    """Profile every architecture in each of its variants on each feature preset's input shape.
 
     Returns:
         One dict per (architecture, variant, preset): ``model``, ``variant``, ``preset``,
@@ -71,7 +71,7 @@ def profile_table(
     specs = [(canonical_preset(name), FeatureSpec.preset(name)) for name in feature_presets]
     rows = []
     for architecture in architectures:
-        for variant in variants:
+        for variant in (v for v in variants if v in model_variants(architecture)):
             model = build_model(architecture, num_classes, variant)
             for preset, spec in specs:
                 params, macs = profile_model(model, (1, 1) + tuple(spec.shape))

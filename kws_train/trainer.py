@@ -46,7 +46,7 @@ from .distributed import (
     DistContext, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed,
 )
 from .evaluate import EVAL_BATCH_SIZE, EvalResult, evaluate_model
-from .models import build_model, canonical_architecture, canonical_variant
+from .models import build_model, canonical_architecture, canonical_variant, model_variants
 from .recipe import RecipeError, RunRecipe, SplitRule, default_of
 
 __all__ = [
@@ -173,6 +173,8 @@ class TrainConfig:
             self.features = canonical_preset(self.features)  # SpecError (a ValueError) names the presets
         except ValueError as error:
             raise ValueError(f"TrainConfig: {error}") from None
+        if self.variant not in model_variants(self.architecture):
+            bad("variant", f"{self.architecture} comes in {', '.join(model_variants(self.architecture))} only")
         if self.task not in TASKS:
             bad("task", f"choose one of {', '.join(TASKS)}")
         for field in ("epochs", "batch_size", "eval_batch_size", "workers"):

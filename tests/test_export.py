@@ -110,7 +110,11 @@ def bundles(tmp_path_factory, train_batch, real_data):
     return Bundles(tmp_path_factory, train_batch, real_data)
 
 
-@pytest.fixture(params=ARCHITECTURES)
+# One BC-ResNet width: the widths share every line of code.
+EXPORTED = [a for a in ARCHITECTURES if not a.startswith("bc_resnet")] + ["bc_resnet_1"]
+
+
+@pytest.fixture(params=EXPORTED)
 def exported(request, bundles):
     return bundles[request.param]
 
@@ -199,7 +203,12 @@ def test_onnx_int8_is_qdq_per_channel_and_small(exported, test_inputs):
     assert weight_dq, "no int8 convolution weights"
     per_channel = [n for n in weight_dq if len(inits[n.input[1]].dims) == 1]
     assert per_channel, "weights are not quantized per channel"
-    assert (out / "model.int8.onnx").stat().st_size <= 0.3 * (out / "model.onnx").stat().st_size
+    float_inits = onnx.load(str(out / "model.onnx")).graph.initializer
+    conv_weights = sum(int(np.prod(i.dims)) for i in float_inits if len(i.dims) == 4)
+    assert sum(int(np.prod(inits[n.input[0]].dims)) for n in weight_dq) == conv_weights  # all of them in 8 bits
+    int8_size, fp32_size = (out / "model.int8.onnx").stat().st_size, (out / "model.onnx").stat().st_size
+    # Below ~100 k parameters (BC-ResNet-1 has 9 k) the graph, not the weights, is most of the file.
+    assert int8_size <= (0.3 if conv_weights > 100_000 else 0.6) * fp32_size
     entry = load_bundle(out).artifacts["onnx_int8"]
     assert entry.notes["quantization"]["activations"] == "uint8" and entry.notes["quantization"]["per_channel"]
     counts = list(entry.notes["calibration_per_class"].values())

@@ -9,10 +9,14 @@ import torch
 from torch import nn
 
 from kws_runtime import FeatureSpec
-from kws_train.models import ARCHITECTURES, build_model, canonical_architecture
+from kws_train.models import ARCHITECTURES, VARIANTS, build_model, canonical_architecture, model_variants
 from kws_train.profile import format_table, profile_model, profile_table
 
 SHAPES = [FeatureSpec.preset("seed").shape, FeatureSpec.preset("fine").shape]  # 40x32, 40x101
+MODEL_VARIANTS = [(a, v) for a in ARCHITECTURES for v in model_variants(a)]
+WITH_IMAGENET = [a for a in ARCHITECTURES if model_variants(a) == VARIANTS]
+# The slower checks take one BC-ResNet width: the widths share every line of code.
+ONE_WIDTH = [a for a in ARCHITECTURES if a not in ("bc_resnet_3", "bc_resnet_8")]
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +50,7 @@ def _with_batch_norm_statistics(model: nn.Module, shape) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-@pytest.mark.parametrize("variant", ["default", "seed"])
+@pytest.mark.parametrize("architecture, variant", MODEL_VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("num_classes", [2, 12, 35])
 def test_output_shape(architecture, variant, shape, num_classes):
@@ -78,7 +81,7 @@ def _final_map(model, shape):
     return tuple(seen[0])
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", WITH_IMAGENET)
 def test_default_keeps_at_least_the_seed_resolution(architecture):
     shape = FeatureSpec.preset("seed").shape
     seed = _final_map(build_model(architecture, 12, "seed"), shape)
@@ -92,6 +95,41 @@ def test_resnet18_default_has_overall_stride_16():
     shape = FeatureSpec.preset("fine").shape
     assert _final_map(build_model("resnet18", 12, "default"), shape) == (3, 7)
     assert _final_map(build_model("resnet18", 12, "seed"), shape) == (2, 4)
+
+
+@pytest.mark.parametrize("architecture, paper", [("bc_resnet_1", 9.2e3), ("bc_resnet_3", 54.2e3), ("bc_resnet_8", 321e3)])
+def test_bc_resnet_parameter_counts_match_the_paper(architecture, paper):
+    # Kim et al. 2021, Table 2: 9.2 k, 54.2 k and 321 k parameters for the 12-class task.
+    params = sum(p.numel() for p in build_model(architecture, 12).parameters())
+    assert abs(params - paper) / paper < 0.02, params
+
+
+def test_bc_resnet_reduces_frequency_to_one_band_and_keeps_time():
+    shape = FeatureSpec.preset("fine").shape
+    assert _final_map(build_model("bc_resnet_1", 12), shape) == (1, shape[1])
+
+
+def test_sub_spectral_norm_normalises_each_sub_band_on_its_own():
+    from kws_train.models.bc_resnet import SubSpectralNorm
+
+    norm = SubSpectralNorm(2, sub_bands=5).train()
+    x = torch.randn(16, 2, 20, 7)
+    x[:, :, :4] = x[:, :, :4] * 10 + 50  # the lowest sub-band only: far off in mean and scale
+    out = norm(x)
+    for band in range(5):
+        part = out[:, :, 4 * band:4 * (band + 1)]
+        torch.testing.assert_close(part.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(part.var(dim=(0, 2, 3), unbiased=False), torch.ones(2), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="divisible by 5"):
+        norm(torch.randn(2, 2, 12, 7))
+
+
+def test_bc_resnet_refuses_other_inputs_and_variants():
+    with pytest.raises(ValueError, match="40 mel bands, got an input of 64"):
+        build_model("bcresnet1", 12).eval()(torch.randn(1, 1, 64, 101))
+    with pytest.raises(ValueError, match="one variant, 'default'"):
+        build_model("bc_resnet_3", 12, "imagenet")
+    assert model_variants("bcresnet8") == ("default",)
 
 
 def test_build_model_names_and_errors():
@@ -123,8 +161,7 @@ def test_fuse_requires_eval_and_preserves_output(architecture):
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-@pytest.mark.parametrize("variant", ["default", "seed"])
+@pytest.mark.parametrize("architecture, variant", [(a, v) for a, v in MODEL_VARIANTS if a in ONE_WIDTH])
 def test_static_quantization_with_qnnpack(architecture, variant):
     from torch.ao import quantization as tq
 
@@ -158,7 +195,7 @@ def test_static_quantization_with_qnnpack(architecture, variant):
     assert agreement >= 0.8, agreement
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", ONE_WIDTH)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_jit_trace_matches_eager(architecture, shape):
     model = _with_batch_norm_statistics(build_model(architecture, 12, "default"), shape)
@@ -169,7 +206,7 @@ def test_jit_trace_matches_eager(architecture, shape):
         torch.testing.assert_close(traced(x), model(x))
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", ONE_WIDTH)
 def test_onnx_export_runs_in_onnxruntime_with_dynamic_batch(architecture):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")

@@ -31,7 +31,7 @@ from torch import nn  # noqa: E402
 from kws_runtime.spec import FeatureSpec  # noqa: E402
 from kws_train.augment import AugmentConfig, build_frontend  # noqa: E402
 from kws_train.dataset import background_noise  # noqa: E402
-from kws_train.models import ARCHITECTURES, VARIANTS, build_model  # noqa: E402
+from kws_train.models import ARCHITECTURES, VARIANTS, build_model, model_variants  # noqa: E402
 from kws_train.trainer import resolve_autocast, train_epoch  # noqa: E402
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_commands_real"
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     for features in args.features:
         spec = FeatureSpec.preset(features)
         for architecture in args.models:
-            for variant in args.variants:
+            for variant in (v for v in args.variants if v in model_variants(architecture)):
                 clips_per_s = bench_one(architecture, variant, spec, noise, batch=args.batch, steps=args.steps,
                                         warmup=args.warmup, device=args.device, amp=args.amp,
                                         channels_last=torch.device(args.device).type == "cuda")

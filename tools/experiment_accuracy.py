@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kws_runtime.spec import PRESETS, canonical_preset  # noqa: E402
-from kws_train.models import ARCHITECTURES, VARIANTS, canonical_architecture, canonical_variant  # noqa: E402
+from kws_train.models import ARCHITECTURES, canonical_architecture, canonical_variant, model_variants  # noqa: E402
 from kws_train.trainer import TrainConfig, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     if args.report:
         print(report(out))
         return 0
-    runs = args.runs or [(a, v, f) for f in PRESETS for a in ARCHITECTURES for v in VARIANTS]
+    runs = args.runs or [(a, v, f) for f in PRESETS for a in ARCHITECTURES for v in model_variants(a)]
     for architecture, variant, features in runs:
         name = run_name(architecture, variant, features, bool(args.synth), args.seed)
         folder = out / name

@@ -1,16 +1,19 @@
-"""Keyword-spotting CNNs: ResNet-18, MobileNetV2, ShuffleNetV2 0.5x.
+"""Keyword-spotting CNNs: ResNet-18, MobileNetV2, ShuffleNetV2 0.5x and BC-ResNet.
 
 Every model takes a log-mel batch ``(N, 1, n_mels, frames)`` and returns logits
 ``(N, num_classes)``, has QuantStub/DeQuantStub at its ends and a ``fuse_model()`` method for
-eager-mode post-training static quantization, and comes in two variants: ``"imagenet"`` (the
-ImageNet layout of the architecture's paper, where the project started) and ``"default"``
-(adapted to 40-band log-mel inputs). ``"seed"``, the first name of ``"imagenet"``, is accepted.
+eager-mode post-training static quantization. The three image-classification architectures come
+in two variants: ``"imagenet"`` (the ImageNet layout of the architecture's paper, where the
+project started) and ``"default"`` (adapted to 40-band log-mel inputs); ``"seed"``, the first
+name of ``"imagenet"``, is accepted. BC-ResNet was designed for 40-band log-mel input and has
+only ``"default"`` (`model_variants`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from .bc_resnet import BCResNet, bc_resnet_1, bc_resnet_3, bc_resnet_8
 from .mobilenetv2 import MobileNetV2, mobilenet_v2
 from .resnet import ResNet, resnet18
 from .shufflenetv2 import ShuffleNetV2, shufflenet_v2_x0_5
@@ -18,6 +21,7 @@ from .shufflenetv2 import ShuffleNetV2, shufflenet_v2_x0_5
 __all__ = [
     "ALIASES",
     "ARCHITECTURES",
+    "BCResNet",
     "BUILDERS",
     "MobileNetV2",
     "ResNet",
@@ -25,10 +29,14 @@ __all__ = [
     "VARIANTS",
     "VARIANT_ALIASES",
     "VARIANT_NAMES",
+    "bc_resnet_1",
+    "bc_resnet_3",
+    "bc_resnet_8",
     "build_model",
     "canonical_architecture",
     "canonical_variant",
     "mobilenet_v2",
+    "model_variants",
     "resnet18",
     "shufflenet_v2_x0_5",
 ]
@@ -37,13 +45,21 @@ BUILDERS = {
     "resnet18": resnet18,
     "mobilenet_v2": mobilenet_v2,
     "shufflenet_v2_x0_5": shufflenet_v2_x0_5,
+    "bc_resnet_1": bc_resnet_1,
+    "bc_resnet_3": bc_resnet_3,
+    "bc_resnet_8": bc_resnet_8,
 }
 ARCHITECTURES = tuple(BUILDERS)
 VARIANTS = ("default", "imagenet")
 VARIANT_ALIASES = {"seed": "imagenet"}
 VARIANT_NAMES = VARIANTS + tuple(VARIANT_ALIASES)
 # Short names accepted on the command line.
-ALIASES = {"resnet": "resnet18", "mobilenet": "mobilenet_v2", "shufflenet": "shufflenet_v2_x0_5"}
+ALIASES = {
+    "resnet": "resnet18", "mobilenet": "mobilenet_v2", "shufflenet": "shufflenet_v2_x0_5",
+    "bcresnet1": "bc_resnet_1", "bcresnet3": "bc_resnet_3", "bcresnet8": "bc_resnet_8",
+}
+# The image-classification architectures also have their paper's ImageNet layout.
+_DEFAULT_ONLY = ("bc_resnet_1", "bc_resnet_3", "bc_resnet_8")
 
 
 def canonical_architecture(name: str) -> str:
@@ -58,6 +74,11 @@ def canonical_architecture(name: str) -> str:
         return ALIASES[name]
     choices = ", ".join(list(ARCHITECTURES) + list(ALIASES))
     raise ValueError(f"unknown architecture {name!r}; choose one of {choices}")
+
+
+def model_variants(architecture: str) -> tuple:
+    """The variants `architecture` (or its alias) comes in: a subset of `VARIANTS`."""
+    return ("default",) if canonical_architecture(architecture) in _DEFAULT_ONLY else VARIANTS
 
 
 def canonical_variant(name: str) -> str:
