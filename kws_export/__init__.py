@@ -1,8 +1,8 @@
 """From a training checkpoint to deployable artifacts, verified and scored, in a model bundle.
 
 `export_bundle` writes TorchScript (float, lite, qnnpack int8), ONNX (fp32, onnxruntime int8,
-end-to-end waveform model) and a manifest the torch-free runtime reads; ``kws-export`` is its
-command line.
+end-to-end waveform model), ExecuTorch programs for XNNPACK (fp32, int8; with the ``mobile``
+extra) and a manifest the torch-free runtime reads; ``kws-export`` is its command line.
 """
 
 import importlib
@@ -13,6 +13,7 @@ _MODULES = {
     ".bundle": ("ARTIFACT_FILES", "FORMATS", "MIN_CALIBRATION_CLIPS", "ArtifactResult", "ExportError", "ExportReport",
                 "export_bundle"),
     ".e2e": ("LogMelGraph", "WaveformClassifier", "export_e2e"),
+    ".executorch_export": ("Pt2eQuantConfig", "lower_to_pte", "pte_runner", "quantize_pt2e"),
     ".onnx_export": ("check_onnx", "export_onnx", "onnx_session"),
     ".quantize": ("LogMelReader", "OnnxQuantConfig", "QuantizationError", "quantize_onnx"),
     ".torchscript": ("TorchQuantConfig", "quantize_qnnpack", "save_lite", "save_torchscript", "trace"),

@@ -40,6 +40,7 @@ from kws_train.recipe import RecipeError, RunRecipe
 
 from . import checks, scorecard
 from .checks import VerificationError
+from .executorch_export import Pt2eQuantConfig
 from .makers import ARTIFACTS, ExportContext, NeedsCalibration
 from .quantize import LogMelReader, OnnxQuantConfig
 from .torchscript import TorchQuantConfig
@@ -246,6 +247,7 @@ def export_bundle(
     test_split: str = "testing",
     onnx_quant: OnnxQuantConfig = OnnxQuantConfig(),
     torch_quant: TorchQuantConfig = TorchQuantConfig(),
+    pt2e_quant: Pt2eQuantConfig = Pt2eQuantConfig(),
     select_quantization: bool = True,
     try_all: bool = False,
     latency_runs: int = 50,
@@ -267,7 +269,8 @@ def export_bundle(
         test_root: dataset root whose testing split is scored for the scorecard. Without it
             artifacts are verified on the calibration clips (or synthetic ones) and the
             scorecard has sizes and latencies only.
-        formats: artifact names to make (see `FORMATS`).
+        formats: artifact names to make (see `FORMATS`). Kinds whose optional dependency is
+            missing (ExecuTorch: the ``mobile`` extra) are skipped with one warning.
         calib_clips: calibration clips; fewer than `MIN_CALIBRATION_CLIPS` is allowed (tests)
             but warned about.
         selection_clips: validation clips used to choose between int8 settings.
@@ -276,6 +279,7 @@ def export_bundle(
             (every clip of ``test_root``: a folder of speakers the run never met).
         onnx_quant: the ONNX int8 setting tried first.
         torch_quant: the TorchScript int8 setting tried first.
+        pt2e_quant: the ExecuTorch int8 setting tried first.
         select_quantization: when the first setting flips more than 0.5% of the fp32
             decisions on the selection clips, also try the settings `checks.candidates`
             lists (other weight granularity, reduced range, other calibration, float first
@@ -304,6 +308,7 @@ def export_bundle(
         warnings_.append(message)
         log(f"warning: {message}")
 
+    formats = _drop_unavailable(formats, warn)
     with scorecard.torch_threads(threads) if threads else contextlib.nullcontext():
         ckpt, recipe = _load(checkpoint_path)
         out_dir = Path(out_dir)
@@ -312,7 +317,7 @@ def export_bundle(
                             test_clips=test_clips, test_split=test_split, seed=seed, log=log, warn=warn)
         _prepare_out_dir(out_dir, force)
         tmp_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
-        ctx = _context(ckpt, data, tmp_dir, onnx_quant=onnx_quant, torch_quant=torch_quant,
+        ctx = _context(ckpt, data, tmp_dir, onnx_quant=onnx_quant, torch_quant=torch_quant, pt2e_quant=pt2e_quant,
                        select_quantization=select_quantization, try_all=try_all, log=log, warn=warn)
         try:
             results, entries, runners = _make_artifacts(ctx, formats, out_dir, data.test_set)
@@ -367,6 +372,21 @@ def _check_request(formats: Sequence[str], threads: Optional[int], test_split: s
     if not formats:
         raise ExportError("no formats requested")
     return [f for f in FORMATS if f in formats]
+
+
+def _drop_unavailable(formats: Sequence[str], warn: Callable) -> list:
+    """``formats`` without the kinds whose optional dependency is missing, said in one warning per reason."""
+    skipped: dict = {}
+    for kind in (k for k in ARTIFACTS if k.name in formats):
+        reason = kind.missing()
+        if reason:
+            skipped.setdefault(reason, []).append(kind.name)
+    for reason, names in skipped.items():
+        warn(f"{', '.join(names)} not made: {reason}")
+    left = [f for f in formats if not any(f in names for names in skipped.values())]
+    if not left:
+        raise ExportError(f"nothing to make: {'; '.join(skipped)}")
+    return left
 
 
 def _load(checkpoint_path) -> tuple:

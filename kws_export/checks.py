@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .executorch_export import Pt2eQuantConfig
 from .quantize import OnnxQuantConfig
 from .scorecard import agreement
 
@@ -118,7 +119,8 @@ def select(name: str, candidates: Sequence, build: Callable, outputs: Callable, 
 def candidates(first) -> list:
     """The requested setting, then the alternatives tried when it loses too much accuracy:
     the other weight granularity, reduced range, another activation calibration, and last
-    the requested setting with the first convolution and the classifier kept in float."""
+    the requested setting with the first convolution and the classifier kept in float
+    (for ExecuTorch's XNNPACK quantizer, only the other weight granularity)."""
     out = [first]
 
     def add(config):
@@ -126,6 +128,8 @@ def candidates(first) -> list:
             out.append(config)
 
     add(dataclasses.replace(first, per_channel=not first.per_channel))
+    if isinstance(first, Pt2eQuantConfig):  # XNNPACK's quantizer: weight granularity is the choice
+        return out
     add(dataclasses.replace(first, reduce_range=not first.reduce_range))
     if isinstance(first, OnnxQuantConfig):
         # Not entropy: onnxruntime's entropy calibrator searches symmetric thresholds on a

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from kws_runtime import exit_codes
 
 from .bundle import FORMATS, MIN_CALIBRATION_CLIPS, ExportError, export_bundle
+from .executorch_export import Pt2eQuantConfig
 from .makers import ARTIFACTS
 from .quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, OnnxQuantConfig
 from .torchscript import TorchQuantConfig
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kws-export",
         description="Export a training checkpoint into a model bundle (TorchScript, ONNX fp32/int8, "
-        "end-to-end ONNX), verify every artifact and score them on test clips.",
+        "end-to-end ONNX, ExecuTorch with the mobile extra), verify every artifact and score them on test clips.",
     )
     p.add_argument("checkpoint", help="checkpoint file written by kws-train (e.g. runs/NAME/best.pt)")
     p.add_argument("--out", "-o", required=True, help="bundle folder to write")
@@ -127,6 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             test_split="all" if args.test_all else "testing",
             onnx_quant=OnnxQuantConfig(args.calib_method, not args.per_tensor, args.reduce_range, args.activations, args.float_ends),
             torch_quant=TorchQuantConfig(not args.per_tensor, args.reduce_range, float_ends=args.float_ends),
+            pt2e_quant=Pt2eQuantConfig(not args.per_tensor),
             select_quantization=not args.no_select,
             try_all=args.try_all,
             latency_runs=args.latency_runs,

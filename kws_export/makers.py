@@ -17,7 +17,8 @@ import torch
 
 from kws_runtime.spec import FeatureSpec
 
-from . import checks, e2e, onnx_export, quantize, scorecard, torchscript
+from . import checks, e2e, executorch_export, onnx_export, quantize, scorecard, torchscript
+from .executorch_export import Pt2eQuantConfig
 from .quantize import LogMelReader, OnnxQuantConfig
 from .torchscript import QUANTIZED_ENGINE, TorchQuantConfig
 
@@ -55,6 +56,7 @@ class ExportContext:
     tmp_dir: Path
     onnx_quant: OnnxQuantConfig
     torch_quant: TorchQuantConfig
+    pt2e_quant: Pt2eQuantConfig
     select_quantization: bool
     try_all: bool
     log: Callable[[str], None]
@@ -68,12 +70,16 @@ class ExportContext:
         return ["batch", 1, self.spec.n_mels, self.spec.n_frames]
 
     def ports(self, kind_in="log_mel", kind_out="logits", name_in=onnx_export.INPUT_NAME,
-              name_out=onnx_export.OUTPUT_NAME, shape_in=None) -> dict:
-        """The manifest's ``input``/``output`` of an artifact."""
+              name_out=onnx_export.OUTPUT_NAME, shape_in=None, batch="batch") -> dict:
+        """The manifest's ``input``/``output`` of an artifact (``batch``: a fixed size, or the axis name)."""
         return {
-            "input": {"name": name_in, "kind": kind_in, "shape": shape_in or self.input_shape},
-            "output": {"name": name_out, "kind": kind_out, "shape": ["batch", len(self.labels)]},
+            "input": {"name": name_in, "kind": kind_in, "shape": shape_in or [batch, *self.input_shape[1:]]},
+            "output": {"name": name_out, "kind": kind_out, "shape": [batch, len(self.labels)]},
         }
+
+    def example_one(self) -> torch.Tensor:
+        """One verification clip's features, ``(1, 1, n_mels, frames)``: the shape programs are lowered at."""
+        return torch.from_numpy(self.x_verify[:1])
 
     def traced(self) -> torch.jit.ScriptModule:
         if "traced" not in self._shared:
@@ -210,6 +216,39 @@ def make_onnx_e2e(ctx: ExportContext, path: Path) -> Made:
     return Made({"format": "onnx", "precision": "fp32", **ports, "notes": notes}, check, runner)
 
 
+def make_executorch_fp32(ctx: ExportContext, path: Path) -> Made:
+    executorch_export.lower_to_pte(ctx.model, ctx.example_one(), path)
+    runner = executorch_export.pte_runner(path)
+    check = checks.compare_float("executorch_fp32", runner(ctx.x_verify), ctx.fp32_logits, checks.FLOAT_ATOL)
+    return Made({"format": "executorch", "precision": "fp32", **ctx.ports(batch=1), "notes": _pte_notes()}, check, runner)
+
+
+def make_executorch_int8(ctx: ExportContext, path: Path) -> Made:
+    if ctx.calib_reader is None:
+        raise NeedsCalibration()
+
+    def build(config):
+        batches = (torch.from_numpy(b[onnx_export.INPUT_NAME]) for b in _passes(ctx.calib_reader))
+        return executorch_export.quantize_pt2e(ctx.model, batches, config)
+
+    def outputs(q):
+        with torch.no_grad():
+            return checks.batched(lambda x: q(torch.from_numpy(x)).numpy(), ctx.select_set.features())
+
+    q, config, tried = checks.select("executorch_int8", ctx.settings(ctx.pt2e_quant), build, outputs, ctx.select_fp32,
+                                     ctx.log, ctx.try_all)
+    executorch_export.lower_to_pte(q, ctx.example_one(), path)
+    runner = executorch_export.pte_runner(path)
+    check = checks.check_int8("executorch_int8", runner(ctx.x_verify), ctx.fp32_logits)
+    notes = {**_pte_notes(), **ctx.int8_notes(config, tried), "tool": "torchao prepare_pt2e/convert_pt2e + XNNPACKQuantizer"}
+    return Made({"format": "executorch", "precision": "int8", **ctx.ports(batch=1), "notes": notes}, check, runner)
+
+
+def _pte_notes() -> dict:
+    return {"backend": "XNNPACK", "batch": "fixed at 1: one window per call",
+            "load": "executorch.runtime.Runtime.get().load_program(path).load_method('forward')"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ArtifactKind:
     """One row of the table: name in the manifest, file name, maker, and the groups the
@@ -220,6 +259,8 @@ class ArtifactKind:
     make: Callable[[ExportContext, Path], Made]
     family: str
     int8: bool = False
+    # None when the kind's optional dependency is importable, else why not and how to install it.
+    missing: Callable[[], Optional[str]] = lambda: None
 
 
 ARTIFACTS = (
@@ -230,6 +271,10 @@ ARTIFACTS = (
     ArtifactKind("onnx_fp32", "model.onnx", make_onnx_fp32, "onnx"),
     ArtifactKind("onnx_int8", "model.int8.onnx", make_onnx_int8, "onnx", int8=True),
     ArtifactKind("onnx_e2e", "model.e2e.onnx", make_onnx_e2e, "onnx"),
+    ArtifactKind("executorch_fp32", "model.pte", make_executorch_fp32, "executorch",
+                 missing=executorch_export.missing_reason),
+    ArtifactKind("executorch_int8", "model.int8.pte", make_executorch_int8, "executorch", int8=True,
+                 missing=executorch_export.missing_reason),
 )
 
 

@@ -83,7 +83,7 @@ class Runner:
     Attributes:
         input_kind: ``"log_mel"`` (``(N, 1, n_mels, frames)``) or ``"waveform"`` (``(N, samples)``).
         output_kind: ``"logits"`` or ``"probabilities"``.
-        framework: ``"onnxruntime"`` or ``"torch"`` (which thread setting applies).
+        framework: ``"onnxruntime"``, ``"torch"`` or ``"executorch"`` (which thread setting applies).
     """
 
     def __init__(self, fn: Callable, input_kind: str, output_kind: str, framework: str):

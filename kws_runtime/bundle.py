@@ -10,7 +10,7 @@ Manifest, format version 1::
      "model": {"name": str, "architecture": str, "variant": str},
      "labels": [str, ...],                       # in model output order
      "feature_spec": FeatureSpec.to_dict(),
-     "artifacts": {NAME: {"file": str, "format": "onnx" | "torchscript" | "torchscript-lite",
+     "artifacts": {NAME: {"file": str, "format": "onnx" | "torchscript" | "torchscript-lite" | "executorch",
                           "precision": "fp32" | "int8",
                           "input": {"name": str, "kind": "log_mel" | "waveform", "shape": [...]},
                           "output": {"name": str, "kind": "logits" | "probabilities", "shape": [...]},
@@ -41,7 +41,7 @@ MAX_MANIFEST_BYTES = 1 << 20
 # An int8 artifact that agrees with its fp32 model on fewer test clips than this has lost
 # more than rounding: kws-export and kws info warn, and Predictor does not pick it by default.
 INT8_AGREEMENT_FLOOR = 0.97
-ARTIFACT_FORMATS = ("onnx", "torchscript", "torchscript-lite")
+ARTIFACT_FORMATS = ("onnx", "torchscript", "torchscript-lite", "executorch")
 PRECISIONS = ("fp32", "int8")
 INPUT_KINDS = ("log_mel", "waveform")
 OUTPUT_KINDS = ("logits", "probabilities")

@@ -20,19 +20,19 @@ import pytest
 import torch
 import torch.backends.xnnpack
 
-from kws_export import FORMATS, ExportError, LogMelGraph, LogMelReader, export_bundle
+from kws_export import FORMATS as ALL_FORMATS
+from kws_export import ExportError, LogMelGraph, LogMelReader, export_bundle
 from kws_export.cli import main as export_main
 from kws_runtime import FeatureSpec, log_mel
 from kws_runtime.bundle import load_bundle
 from kws_runtime.files import current_umask
-from kws_train.checkpoint import load_checkpoint, save_checkpoint
+from kws_train.checkpoint import load_checkpoint
 from kws_train.dataset import build_task, index_dataset, load_example, split_by_speaker
-from kws_train.models import ARCHITECTURES, build_model
-from kws_train.trainer import TrainConfig
+from kws_train.models import ARCHITECTURES
+from trained_models import SALT, SPEC, train_checkpoint, training_batch
 
-SPEC = FeatureSpec()  # 40 x 32: the cheapest features
-SALT = ""
-STEPS = 6
+# Every kind but ExecuTorch's, which test_executorch.py checks (its export takes far longer).
+FORMATS = tuple(f for f in ALL_FORMATS if not f.startswith("executorch"))
 KW = dict(calib_clips=48, selection_clips=24, test_clips=36, latency_runs=3, select_quantization=False, threads=1)
 
 
@@ -46,46 +46,9 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-def _config(real_data, arch):
-    return TrainConfig(data=str(real_data), architecture=arch, features="seed", split="speaker", split_salt=SALT).to_dict()
-
-
 @pytest.fixture(scope="module")
 def train_batch(real_data):
-    """Features and targets of 8 training clips per class (the speaker split the config names)."""
-    clips = split_by_speaker(index_dataset(real_data), 0.1, 0.1, SALT)
-    task = build_task(clips, "12", "training", root=real_data, spec=SPEC)
-    by_label = {}
-    for e in task.examples:
-        by_label.setdefault(e.label, []).append(e)
-    chosen = [e for label in task.labels for e in by_label[label][:8]]
-    x = torch.from_numpy(log_mel(np.stack([load_example(e, SPEC) for e in chosen]), SPEC)[:, None])
-    y = torch.tensor([task.labels.index(e.label) for e in chosen])
-    return task.labels, x, y
-
-
-def _train(arch, labels, x, y, path, config):
-    torch.manual_seed(0)
-    model = build_model(arch, len(labels))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(STEPS):
-        batch = torch.randperm(len(x), generator=generator)[:32]
-        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    # A few steps leave batch norm's running statistics near their initial values, which blows
-    # eval-mode activations up; re-estimate them on the training batch as a short fine-tune would.
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    with torch.no_grad():
-        model(x)
-    model.eval()
-    return save_checkpoint(path, model, architecture=arch, variant="default", labels=labels, spec=SPEC, config=config)
+    return training_batch(real_data)
 
 
 class Bundles:
@@ -97,10 +60,9 @@ class Bundles:
 
     def __getitem__(self, arch):
         if arch not in self.made:
-            labels, x, y = self.train_batch
             tmp = self.tmp_path_factory.mktemp(arch)
-            ckpt = _train(arch, labels, x, y, tmp / "best.pt", _config(self.real_data, arch))
-            report = export_bundle(ckpt, tmp / "bundle", self.real_data, self.real_data, **KW)
+            ckpt = train_checkpoint(arch, self.train_batch, tmp / "best.pt", self.real_data)
+            report = export_bundle(ckpt, tmp / "bundle", self.real_data, self.real_data, formats=FORMATS, **KW)
             self.made[arch] = (arch, ckpt, tmp / "bundle", report)
         return self.made[arch]
 
