@@ -62,8 +62,9 @@ def main(argv=None) -> int:
         print("|---|---|---|---:|---:|---:|---:|")
         floors = []
         for preset in ("librosa", "fine"):
-            for row in bench_features(FeatureSpec.preset(preset), clips, args.repeats):
-                print("| " + " | ".join(row) + " |")
+            for r in bench_features(FeatureSpec.preset(preset), clips, args.repeats):
+                print(f"| {r['preset']} | {r['shape']} | {r['mode']} | {r['kws_runtime_us']:.0f} | {r['librosa_us']:.0f} "
+                      f"| {r['speedup']:.1f}x | {r['max_diff_db']:.1e} |")
             floors.append(f"{preset} {fft_floor_us(FeatureSpec.preset(preset), args.repeats):.0f} us")
         print(f"numpy's rfft of one clip's windowed frames alone (the floor for an exact STFT): {', '.join(floors)}")
         print(f"(load average now {os.getloadavg()[0]:.2f})")
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         print("\npeak resident memory of `kws predict` (one process, maxrss)")
         with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
             bundle = args.bundle or build_bundle(Path(tmp) / "bundle")
-            files = _files(args.data, 64) or _write_clips(Path(tmp) / "clips", 64)
+            files = clip_files(args.data, 64) or _write_clips(Path(tmp) / "clips", 64)
             for artifact in (None, "onnx_fp32"):
                 try:
                     rss, seconds, size = predict_peak_rss(bundle, files, artifact)
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
 
 
 def bench_features(spec: FeatureSpec, clips: np.ndarray, repeats: int) -> list:
+    """`log_mel` against librosa on one clip and on a batch: one dict per mode (times per clip)."""
     import librosa
 
     def reference(y):
@@ -110,11 +112,11 @@ def bench_features(spec: FeatureSpec, clips: np.ndarray, repeats: int) -> list:
         return np.stack([librosa.power_to_db(m, ref=np.max, top_db=spec.top_db) for m in mel])
 
     one = clips[0]
-    ours_1, theirs_1 = _best_alternating([lambda: log_mel(one, spec), lambda: reference(one)], repeats)
+    ours_1, theirs_1 = best_cpu_times([lambda: log_mel(one, spec), lambda: reference(one)], repeats)
     diff_1 = np.abs(log_mel(one, spec) - reference(one)).max()
 
     batch_repeats = max(3, repeats // 40)
-    ours_b, loop_b, chan_b = _best_alternating(
+    ours_b, loop_b, chan_b = best_cpu_times(
         [lambda: log_mel(clips, spec), lambda: [reference(y) for y in clips], lambda: reference_channels(clips)],
         batch_repeats,
     )
@@ -124,21 +126,25 @@ def bench_features(spec: FeatureSpec, clips: np.ndarray, repeats: int) -> list:
     n = len(clips)
     shape = f"{spec.n_mels}x{spec.n_frames}"
     name = next(k for k in ("librosa", "fine") if FeatureSpec.preset(k) == spec)
-    us = lambda s: f"{s * 1e6:.0f}"  # noqa: E731
+
+    def row(mode, mine, theirs, diff):
+        return {"preset": name, "shape": shape, "mode": mode, "kws_runtime_us": mine * 1e6, "librosa_us": theirs * 1e6,
+                "speedup": theirs / mine, "max_diff_db": float(diff)}
+
     return [
-        [name, shape, "1 clip", us(ours_1), us(theirs_1), f"{theirs_1 / ours_1:.1f}x", f"{diff_1:.1e}"],
-        [name, shape, f"batch of {n}, librosa per clip", us(ours_b / n), us(loop_b / n), f"{loop_b / ours_b:.1f}x", f"{diff_b:.1e}"],
-        [name, shape, f"batch of {n}, librosa channels", us(ours_b / n), us(chan_b / n), f"{chan_b / ours_b:.1f}x", f"{diff_c:.1e}"],
+        row("1 clip", ours_1, theirs_1, diff_1),
+        row(f"batch of {n}, librosa per clip", ours_b / n, loop_b / n, diff_b),
+        row(f"batch of {n}, librosa channels", ours_b / n, chan_b / n, diff_c),
     ]
 
 
 def fft_floor_us(spec: FeatureSpec, repeats: int) -> float:
     """CPU time of numpy's float64 rfft over one clip's frames: what any exact STFT here pays."""
     frames = np.random.default_rng(0).standard_normal((spec.n_frames, spec.n_fft))
-    return _best_alternating([lambda: np.fft.rfft(frames, axis=-1)], repeats)[0] * 1e6
+    return best_cpu_times([lambda: np.fft.rfft(frames, axis=-1)], repeats)[0] * 1e6
 
 
-def _best_alternating(functions, repeats: int) -> list:
+def best_cpu_times(functions, repeats: int) -> list:
     """Best CPU time of each function. CPU time, not wall time: on a shared machine a long
     call waits for a core now and then, and that wait is not the code's."""
     for f in functions:
@@ -152,7 +158,8 @@ def _best_alternating(functions, repeats: int) -> list:
     return best
 
 
-def _files(folder: Path, n: int) -> list:
+def clip_files(folder: Path, n: int) -> list:
+    """Up to ``n`` audio files of a Speech Commands folder, taking the words in turn."""
     if not folder.is_dir():
         return []
     words = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("_"))
@@ -162,7 +169,7 @@ def _files(folder: Path, n: int) -> list:
 
 
 def _clips(folder: Path, n: int) -> tuple:
-    files = _files(folder, n)
+    files = clip_files(folder, n)
     if len(files) == n:
         return np.stack([load_audio(f) for f in files]), f"real recordings from {folder.name}"
     rng = np.random.default_rng(0)
@@ -197,15 +204,8 @@ def import_seconds(module: str, runs: int = 5):
     return best
 
 
-def predict_peak_rss(bundle: Path, files: list, artifact=None) -> tuple:
-    """(peak RSS bytes, wall seconds, model bytes) of one ``kws predict`` process."""
-    from kws_runtime import load_bundle
-    from kws_runtime.predict import choose_artifact
-
-    size = choose_artifact(load_bundle(bundle), artifact).size
-    argv = [sys.executable, "-m", "kws_runtime.cli", "predict", str(bundle), *map(str, files), "--threads", "1"]
-    if artifact:
-        argv += ["--artifact", artifact]
+def peak_rss(argv: list) -> tuple:
+    """(peak RSS bytes, wall seconds) of one process running ``argv``; RuntimeError if it fails."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # Measured in a child of a fresh helper process, so that no earlier child (the import
     # timings) is counted in RUSAGE_CHILDREN's maximum.
@@ -219,7 +219,19 @@ def predict_peak_rss(bundle: Path, files: list, artifact=None) -> tuple:
     kib, seconds, code = result.stdout.split()
     if int(code) != 0:
         raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {code}")
-    return int(kib) * 1024, float(seconds), size
+    return int(kib) * 1024, float(seconds)
+
+
+def predict_peak_rss(bundle: Path, files: list, artifact=None) -> tuple:
+    """(peak RSS bytes, wall seconds, model bytes) of one ``kws predict`` process."""
+    from kws_runtime import load_bundle
+    from kws_runtime.predict import choose_artifact
+
+    size = choose_artifact(load_bundle(bundle), artifact).size
+    argv = [sys.executable, "-m", "kws_runtime.cli", "predict", str(bundle), *map(str, files), "--threads", "1"]
+    if artifact:
+        argv += ["--artifact", artifact]
+    return (*peak_rss(argv), size)
 
 
 def build_bundle(folder: Path) -> Path:
