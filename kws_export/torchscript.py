@@ -251,7 +251,8 @@ class _FloatIsland(nn.Module):
 
 
 def _keep_ends_in_float(model: nn.Module) -> None:
-    """Wrap the first convolution and the last linear layer of a fused model in float islands.
+    """Wrap the first convolution and the classifier (the last convolution or linear layer, in
+    registration order: BC-ResNet classifies with a 1x1 convolution) of a fused model in float islands.
 
     A fused conv-bn-relu is wrapped whole. The classifier's float logits go straight to the
     model's DeQuantStub.
@@ -263,11 +264,10 @@ def _keep_ends_in_float(model: nn.Module) -> None:
         return parent if parent and isinstance(model.get_submodule(parent), _FusedModule) else name
 
     modules = list(model.named_modules())
-    convs = [name for name, m in modules if isinstance(m, nn.Conv2d)]
-    linears = [name for name, m in modules if isinstance(m, nn.Linear)]
-    if not convs or not linears:
-        raise ValueError(f"{type(model).__name__} has no convolution or no linear layer to keep in float")
-    for name, requantize in ((unit(convs[0]), True), (unit(linears[-1]), False)):
+    layers = [name for name, m in modules if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if len(layers) < 2 or not isinstance(model.get_submodule(layers[0]), nn.Conv2d):
+        raise ValueError(f"{type(model).__name__} has no first convolution and classifier to keep in float")
+    for name, requantize in ((unit(layers[0]), True), (unit(layers[-1]), False)):
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, _FloatIsland(getattr(owner, child), requantize))

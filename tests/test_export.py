@@ -470,3 +470,19 @@ def test_calibration_reader_streams_log_mel_batches(real_data):
     assert np.array_equal(reader.features(), want)
     with pytest.raises(ValueError):
         LogMelReader([], SPEC)
+
+
+def test_float_ends_find_a_convolutional_classifier():
+    # BC-ResNet classifies with a 1x1 convolution, not a linear layer
+    from kws_export import TorchQuantConfig
+    from kws_export.torchscript import _FloatIsland, quantize_qnnpack, quantized_engine
+    from kws_train.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("bc_resnet_1", 12).eval()
+    x = torch.randn(4, 1, *SPEC.shape)
+    q = quantize_qnnpack(model, [x], TorchQuantConfig(float_ends=True))
+    assert isinstance(q.classifier, _FloatIsland) and isinstance(q.stem[0], _FloatIsland)  # the fused conv-relu
+    assert type(q.classifier.module) is torch.nn.Conv2d  # still float
+    with quantized_engine("qnnpack"), torch.no_grad():
+        assert q(x).shape == (4, 12)
