@@ -249,14 +249,14 @@ def quantize_onnx(model_path, output_path, reader: CalibrationDataReader, config
 
 
 def _float_ends(model: onnx.ModelProto) -> list:
-    """Names of the first Conv node and the last Gemm/MatMul node (nodes are in topological order)."""
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    linears = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
-    if not convs or not linears:
-        raise QuantizationError("the model has no Conv or no Gemm/MatMul node to keep in float")
-    ends = [convs[0], linears[-1]]
+    """Names of the first Conv node and the classifier, the last Conv/Gemm/MatMul node (nodes are in
+    topological order; BC-ResNet classifies with a 1x1 Conv)."""
+    layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    if len(layers) < 2 or layers[0].op_type != "Conv":
+        raise QuantizationError("the model has no first Conv and classifier node to keep in float")
+    ends = [layers[0], layers[-1]]
     if not all(n.name for n in ends):
-        raise QuantizationError("the first Conv or the last Gemm/MatMul node has no name, so it cannot be excluded")
+        raise QuantizationError("the first Conv or the classifier node has no name, so it cannot be excluded")
     return [n.name for n in ends]
 
 
