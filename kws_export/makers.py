@@ -7,6 +7,7 @@ means writing one maker and adding one row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -224,19 +225,7 @@ def make_executorch_fp32(ctx: ExportContext, path: Path) -> Made:
 
 
 def make_executorch_int8(ctx: ExportContext, path: Path) -> Made:
-    if ctx.calib_reader is None:
-        raise NeedsCalibration()
-
-    def build(config):
-        batches = (torch.from_numpy(b[onnx_export.INPUT_NAME]) for b in _passes(ctx.calib_reader))
-        return executorch_export.quantize_pt2e(ctx.model, batches, config)
-
-    def outputs(q):
-        with torch.no_grad():
-            return checks.batched(lambda x: q(torch.from_numpy(x)).numpy(), ctx.select_set.features())
-
-    q, config, tried = checks.select("executorch_int8", ctx.settings(ctx.pt2e_quant), build, outputs, ctx.select_fp32,
-                                     ctx.log, ctx.try_all)
+    q, config, tried = _select_int8_module(ctx, "executorch_int8", executorch_export.quantize_pt2e, ctx.pt2e_quant)
     executorch_export.lower_to_pte(q, ctx.example_one(), path)
     runner = executorch_export.pte_runner(path)
     check = checks.check_int8("executorch_int8", runner(ctx.x_verify), ctx.fp32_logits)
@@ -281,20 +270,26 @@ ARTIFACTS = (
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _quantize_torch(ctx: ExportContext) -> tuple:
+def _select_int8_module(ctx: ExportContext, name: str, quantize: Callable, first, engine: Optional[str] = None) -> tuple:
+    """``quantize(model, calibration batches, config)`` for each candidate setting from ``first`` on;
+    the one closest to fp32 on the selection clips (`checks.select`): ``(module, config, tried)``."""
     if ctx.calib_reader is None:
         raise NeedsCalibration()
 
     def build(config):
         batches = (torch.from_numpy(b[onnx_export.INPUT_NAME]) for b in _passes(ctx.calib_reader))
-        return torchscript.quantize_qnnpack(ctx.model, batches, config)
+        return quantize(ctx.model, batches, config)
 
     def outputs(q):
-        with torchscript.quantized_engine(QUANTIZED_ENGINE), torch.no_grad():
+        with torchscript.quantized_engine(engine) if engine else contextlib.nullcontext(), torch.no_grad():
             return checks.batched(lambda x: q(torch.from_numpy(x)).numpy(), ctx.select_set.features())
 
-    q, config, tried = checks.select("torchscript_int8", ctx.settings(ctx.torch_quant), build, outputs, ctx.select_fp32,
-                                     ctx.log, ctx.try_all)
+    return checks.select(name, ctx.settings(first), build, outputs, ctx.select_fp32, ctx.log, ctx.try_all)
+
+
+def _quantize_torch(ctx: ExportContext) -> tuple:
+    q, config, tried = _select_int8_module(ctx, "torchscript_int8", torchscript.quantize_qnnpack, ctx.torch_quant,
+                                           QUANTIZED_ENGINE)
     with torchscript.quantized_engine(QUANTIZED_ENGINE):
         traced = torchscript.trace(q, torch.from_numpy(ctx.x_verify[:2]))
         with torch.no_grad():
