@@ -161,10 +161,11 @@ def inference(bundles: list, files: list, quick: bool) -> dict:
 # --------------------------------------------------------------------------------- end to end
 
 
-def _seed_path(architecture: str, variant: str, spec: FeatureSpec, labels: list):
-    """The seed's way from a file to a label: librosa's load and features, eager torch fp32.
+def _seed_steps(architecture: str, variant: str, spec: FeatureSpec, labels: list) -> tuple:
+    """The seed's way from a file to a label, step by step: ``(load, featurize, classify)``.
 
-    The model has random weights: its cost is the trained model's, and that is all this measures.
+    librosa's load and features, eager torch fp32. The model has random weights: its cost is
+    the trained model's, and that is all this measures.
     """
     import librosa
     import torch
@@ -173,16 +174,26 @@ def _seed_path(architecture: str, variant: str, spec: FeatureSpec, labels: list)
 
     model = build_model(architecture, len(labels), variant).eval()
 
-    def run(path):
+    def load(path):
         y, _ = librosa.load(path, sr=spec.sample_rate)
-        y = librosa.util.fix_length(y, size=spec.clip_samples)
+        return librosa.util.fix_length(y, size=spec.clip_samples)
+
+    def featurize(y):
         mel = librosa.feature.melspectrogram(y=y, sr=spec.sample_rate, n_fft=spec.n_fft, win_length=spec.win_length,
                                              hop_length=spec.hop_length, n_mels=spec.n_mels)
-        x = torch.from_numpy(librosa.power_to_db(mel, ref=np.max, top_db=spec.top_db)[None, None].astype(np.float32))
+        return torch.from_numpy(librosa.power_to_db(mel, ref=np.max, top_db=spec.top_db)[None, None].astype(np.float32))
+
+    def classify(x):
         with torch.no_grad():
             return labels[int(model(x).argmax())]
 
-    return run
+    return load, featurize, classify
+
+
+def _seed_path(architecture: str, variant: str, spec: FeatureSpec, labels: list):
+    """`_seed_steps` as one function of a path."""
+    load, featurize, classify = _seed_steps(architecture, variant, spec, labels)
+    return lambda path: classify(featurize(load(path)))
 
 
 def _speed_bundle(architecture: str, data: Path, folder: Path) -> Path:
@@ -220,6 +231,8 @@ def _session(path):
 def end_to_end(bundles: list, files: list, quick: bool) -> dict:
     import torch
 
+    from kws_train.models import model_variants
+
     torch.set_num_threads(1)
     files = [str(f) for f in files[:16 if quick else 64]]
     repeats = 3 if quick else 10
@@ -236,8 +249,13 @@ def end_to_end(bundles: list, files: list, quick: bool) -> dict:
             name = f"{architecture} (untrained)" if path in extra else path.name
             audio = [load_audio(f, spec) for f in files]
             feats = [log_mel(y, spec)[None, None] for y in audio]
-            seed = _seed_path(architecture, bundle.model["variant"], spec, list(bundle.labels))
-            original = _seed_path(architecture, "imagenet", FeatureSpec.preset("librosa"), list(bundle.labels))
+            seed_load, seed_featurize, seed_classify = _seed_steps(architecture, bundle.model["variant"], spec,
+                                                                   list(bundle.labels))
+            seed_audio = [seed_load(f) for f in files]
+            seed_feats = [seed_featurize(y) for y in seed_audio]
+            # the seed's 40 x 32 features and its ImageNet layouts (BC-ResNet has only its own)
+            layout = "imagenet" if "imagenet" in model_variants(architecture) else "default"
+            original = _seed_path(architecture, layout, FeatureSpec.preset("librosa"), list(bundle.labels))
             contenders = {
                 "runtime": lambda: [predictor.predict(f) for f in files],
                 # the same three steps per file, without the Predictor: what it adds is the difference
@@ -246,7 +264,10 @@ def end_to_end(bundles: list, files: list, quick: bool) -> dict:
                 "load": lambda: [load_audio(f, spec) for f in files],
                 "features": lambda: [log_mel(y, spec) for y in audio],
                 "model": lambda: [session.run(None, {"log_mel": x}) for x in feats],
-                "seed_path": lambda: [seed(f) for f in files],
+                "seed_path": lambda: [seed_classify(seed_featurize(seed_load(f))) for f in files],
+                "seed_load": lambda: [seed_load(f) for f in files],
+                "seed_features": lambda: [seed_featurize(y) for y in seed_audio],
+                "seed_model": lambda: [seed_classify(x) for x in seed_feats],
                 "seed_original": lambda: [original(f) for f in files],
             }
             times = dict(zip(contenders, bench_runtime.best_cpu_times(list(contenders.values()), repeats)))
@@ -259,7 +280,7 @@ def end_to_end(bundles: list, files: list, quick: bool) -> dict:
                                   "each in its own loop add up to less: the three no longer evict each other's data "
                                   "from the caches); seed path: librosa.load + "
                                   "melspectrogram + power_to_db + eager torch fp32 of the same architecture and features; "
-                                  "seed original: the same path with 40 x 32 features and the imagenet layout"}
+                                  "seed original: the same path with 40 x 32 features and the imagenet layout (BC-ResNet: its own)"}
 
 
 # ---------------------------------------------------------------------------------- streaming
@@ -337,10 +358,12 @@ def footprint(bundle: Path, files: list, quick: bool) -> dict:
 def training_data(data: Path, quick: bool) -> dict:
     import bench_data
 
-    rows = bench_data.measure_pipeline(data, "librosa", batch_size=64, workers=2, epochs=1 if quick else 3,
-                                       limit=256 if quick else 1024)
+    limit = 256 if quick else 1024
+    rows = bench_data.measure_pipeline(data, "fine", batch_size=64, workers=2, epochs=1 if quick else 3, limit=limit)
     base = rows[0][1]
-    return {"rows": [{"pipeline": n, "clips_per_s": r, "cpu_ms_per_clip": 1e3 * c, "vs_baseline": r / base} for n, r, c in rows]}
+    return {"rows": [{"pipeline": n, "clips_per_s": r, "cpu_ms_per_clip": 1e3 * c, "vs_baseline": r / base} for n, r, c in rows],
+            "note": f"fine preset (the training default), the first {limit} clips, batch 64, CPU; the cached pipeline "
+                    "on one torch thread, best of its epochs; the baseline's 2 worker processes use both cores"}
 
 
 # ---------------------------------------------------------------------------------------- GPU
@@ -371,6 +394,15 @@ def _table(header: list, rows: list) -> list:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
 
+def _where_time_goes(x: dict) -> str:
+    model_share = x["model_ms"] / (x["load_ms"] + x["features_ms"] + x["model_ms"])
+    return (f"- {x['model']}: onnxruntime's int8 run is {100 * model_share:.0f} % of the runtime's steps "
+            f"({x['model_ms']:.2f} ms; decoding {x['load_ms']:.2f}, log-mel {x['features_ms']:.2f}); the seed path spends "
+            f"{x['seed_model_ms']:.2f} ms in eager torch, {x['seed_load_ms']:.2f} in librosa.load and "
+            f"{x['seed_features_ms']:.2f} in librosa's features. With decoding and features free the runtime could be "
+            f"at most {x['seed_path_ms'] / x['model_ms']:.1f}x faster than the seed path: the model run bounds the ratio.")
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
@@ -389,11 +421,14 @@ def markdown(r: dict) -> str:
                     f"{x['throughput_clips_per_s']:.0f}"] for x in r["inference"]["rows"]])
     out += ["", "## End to end: file to label", "", r["end_to_end"]["note"] + ".", ""]
     out += _table(["model", "runtime ms", "steps in one loop ms", "overhead", "seed path ms", "vs seed path",
-                   "seed original ms", "vs seed original", "load / features / model ms, each alone"],
+                   "seed original ms", "vs seed original", "load / features / model ms, each alone",
+                   "seed: load / features / model ms"],
                   [[x["model"], f"{x['runtime_ms']:.2f}", f"{x['steps_ms']:.2f}", f"{100 * x['overhead']:+.1f}%",
                     f"{x['seed_path_ms']:.2f}", f"{x['vs_seed_path']:.1f}x", f"{x['seed_original_ms']:.2f}",
-                    f"{x['vs_seed_original']:.1f}x", f"{x['load_ms']:.2f} / {x['features_ms']:.2f} / {x['model_ms']:.2f}"]
+                    f"{x['vs_seed_original']:.1f}x", f"{x['load_ms']:.2f} / {x['features_ms']:.2f} / {x['model_ms']:.2f}",
+                    f"{x['seed_load_ms']:.2f} / {x['seed_features_ms']:.2f} / {x['seed_model_ms']:.2f}"]
                    for x in r["end_to_end"]["rows"]])
+    out += ["", "Where the time goes:", ""] + [_where_time_goes(x) for x in r["end_to_end"]["rows"]]
     out += ["", "## Streaming", "", r["streaming"]["note"] + ".", ""]
     out += _table(["bundle", "real-time factor", "ms per hop", "model ms per hop", "overhead", "incremental features"],
                   [[x["bundle"], f"{x['real_time_factor']:.4f}", f"{x['ms_per_hop']:.2f}", f"{x['model_ms_per_hop']:.2f}",
@@ -405,7 +440,7 @@ def markdown(r: dict) -> str:
             f"the seed's path (librosa + eager torch, same model) {f['torch_path_peak_rss_mb']:.0f} MB, {f['torch_path_seconds']:.2f} s.", "",
             f"Installed size, measured as {f['note']}: runtime {f['installed']['runtime']['mb']:.0f} MB in {f['installed']['runtime']['packages']} "
             f"distributions, training {f['installed']['training']['mb']:.0f} MB in {f['installed']['training']['packages']}.",
-            "", "## Training data pipeline", ""]
+            "", "## Training data pipeline", "", r["training_data"]["note"] + ".", ""]
     out += _table(["pipeline", "clips/s", "vs baseline", "CPU ms/clip"],
                   [[x["pipeline"], f"{x['clips_per_s']:.0f}", f"{x['vs_baseline']:.1f}x", f"{x['cpu_ms_per_clip']:.2f}"]
                    for x in r["training_data"]["rows"]])
