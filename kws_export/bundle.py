@@ -277,9 +277,7 @@ def export_bundle(
         test_clips: cap on the test clips scored (``None``: the whole split).
         test_split: ``"testing"`` (the run's testing split of ``test_root``) or ``"all"``
             (every clip of ``test_root``: a folder of speakers the run never met).
-        onnx_quant: the ONNX int8 setting tried first.
-        torch_quant: the TorchScript int8 setting tried first.
-        pt2e_quant: the ExecuTorch int8 setting tried first.
+        onnx_quant, torch_quant, pt2e_quant: the ONNX, TorchScript and ExecuTorch int8 settings tried first.
         select_quantization: when the first setting flips more than 0.5% of the fp32
             decisions on the selection clips, also try the settings `checks.candidates`
             lists (other weight granularity, reduced range, other calibration, float first
