@@ -58,7 +58,7 @@ ALIASES = {
     "resnet": "resnet18", "mobilenet": "mobilenet_v2", "shufflenet": "shufflenet_v2_x0_5",
     "bcresnet1": "bc_resnet_1", "bcresnet3": "bc_resnet_3", "bcresnet8": "bc_resnet_8",
 }
-# The image-classification architectures also have their paper's ImageNet layout.
+# Made for log-mel input: no ImageNet layout of their paper to offer.
 _DEFAULT_ONLY = ("bc_resnet_1", "bc_resnet_3", "bc_resnet_8")
 
 

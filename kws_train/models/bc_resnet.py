@@ -201,7 +201,7 @@ def _bc_resnet(width: int, num_classes: int, in_channels: int, variant: str) -> 
 
 
 def bc_resnet_1(num_classes: int = 12, in_channels: int = 1, variant: str = "default") -> BCResNet:
-    """BC-ResNet-1 (about 8 k parameters): stem 16, stages 8-12-16-20, head 32 channels.
+    """BC-ResNet-1 (9.3 k parameters for 12 classes): stem 16, stages 8-12-16-20, head 32 channels.
 
     Args:
         num_classes: output logits.
