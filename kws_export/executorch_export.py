@@ -120,7 +120,7 @@ def quantize_pt2e(model: torch.nn.Module, batches: Iterable[torch.Tensor], confi
 
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=config.per_channel))
         # A symbolic batch axis, so calibration runs whole batches; the program is lowered at batch 1.
-        graph = torch.export.export(model.eval(), (first,), dynamic_shapes=({0: batch},)).module()
+        graph = torch.export.export(model, (first,), dynamic_shapes=({0: batch},)).module()
         prepared = prepare_pt2e(graph, quantizer)
         prepared(first)
         for x in batches:
