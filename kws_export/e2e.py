@@ -12,18 +12,24 @@ size of an exported graph.)
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.compose
 import torch
+from onnx import helper
 from torch import nn
 
 from kws_runtime.features import analysis_window, mel_filterbank
 from kws_runtime.spec import FeatureSpec
 
-from .onnx_export import OPSET, export_onnx
+from kws_runtime.files import atomic_path
 
-__all__ = ["E2E_INPUT_NAME", "E2E_OUTPUT_NAME", "LogMelGraph", "WaveformClassifier", "export_e2e"]
+from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
+
+__all__ = ["E2E_INPUT_NAME", "E2E_OUTPUT_NAME", "LogMelGraph", "WaveformClassifier", "export_e2e", "export_e2e_int8"]
 
 E2E_INPUT_NAME = "waveform"
 E2E_OUTPUT_NAME = "probabilities"
@@ -105,3 +111,58 @@ def export_e2e(model: nn.Module, spec: FeatureSpec, path, opset: int = OPSET, dy
         opset=opset,
         dynamo=dynamo,
     )
+
+
+class _FrontEnd(nn.Module):
+    """Waveforms ``(N, samples)`` -> the network's input ``(N, 1, n_mels, frames)``."""
+
+    def __init__(self, spec: FeatureSpec):
+        super().__init__()
+        self.log_mel = LogMelGraph(spec)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.log_mel(audio)[:, None]
+
+
+def export_e2e_int8(network_int8, spec: FeatureSpec, path, opset: int = OPSET) -> Path:
+    """Write an end-to-end ONNX model whose network is the quantized one and whose front end stays float.
+
+    The log-mel front end (`LogMelGraph`, float32) is exported alone and joined to the
+    quantized network ``network_int8`` (an int8 ONNX file taking ``log_mel``, giving
+    ``logits``) with ``onnx.compose``; a Softmax gives ``probabilities``. The DFT and the
+    logarithm stay float: quantizing them would cost the features their 80 dB range, while the
+    network's own first QuantizeLinear already takes the features to int8 as `onnx_int8` does.
+    Same ports as `export_e2e`.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        front_path = export_onnx(_FrontEnd(spec).eval(), Path(tmp) / "front_end.onnx", (1, spec.clip_samples),
+                                 input_name=E2E_INPUT_NAME, output_name=INPUT_NAME, opset=opset)
+        front = onnx.load(str(front_path))
+    network = onnx.load(str(network_int8))
+    # Names inside the two graphs may collide (exporter-made initializer names); the ports keep theirs.
+    front = onnx.compose.add_prefix(front, "front_end/", rename_inputs=False, rename_outputs=False)
+    network = onnx.compose.add_prefix(network, "network/", rename_inputs=False, rename_outputs=False)
+    _match_opsets(front, network)
+    merged = onnx.compose.merge_models(front, network, io_map=[(INPUT_NAME, INPUT_NAME)],
+                                       outputs=[OUTPUT_NAME], doc_string="kws end-to-end, int8 network")
+    graph = merged.graph
+    graph.node.append(helper.make_node("Softmax", [OUTPUT_NAME], [E2E_OUTPUT_NAME], axis=1, name="probabilities"))
+    batch = network.graph.output[0].type.tensor_type.shape.dim[0].dim_param or "batch"
+    classes = network.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(E2E_OUTPUT_NAME, onnx.TensorProto.FLOAT, [batch, classes]))
+    path = Path(path)
+    with atomic_path(path) as tmp_path:
+        onnx.save(merged, str(tmp_path))
+    return path
+
+
+def _match_opsets(front: onnx.ModelProto, network: onnx.ModelProto) -> None:
+    """``merge_models`` wants one IR version and, per shared domain, one opset version."""
+    ir = max(front.ir_version, network.ir_version)
+    front.ir_version = network.ir_version = ir
+    net_opsets = {o.domain: o.version for o in network.opset_import}
+    for entry in front.opset_import:
+        if entry.domain in net_opsets and net_opsets[entry.domain] != entry.version:
+            raise ValueError(f"the front end uses opset {entry.version} of {entry.domain or 'ai.onnx'}, "
+                             f"the int8 network {net_opsets[entry.domain]}: export both with one opset")

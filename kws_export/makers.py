@@ -97,6 +97,12 @@ class ExportContext:
         """Quantize from ``path`` (the bundle's verified fp32 file) instead of a scratch export."""
         self._shared["fp32_onnx"] = path
 
+    def int8_onnx(self) -> Path:
+        """The int8 ONNX network (the bundle's own when it was made, else one in the scratch folder)."""
+        if "int8_onnx" not in self._shared:
+            make_onnx_int8(self, self.tmp_dir / "model.int8.onnx")
+        return self._shared["int8_onnx"]
+
     def quantized_torch(self) -> tuple:
         """``(traced int8 module, its eager outputs on x_verify, config, settings tried)``."""
         if "quantized_torch" not in self._shared:
@@ -194,6 +200,7 @@ def make_onnx_int8(ctx: ExportContext, path: Path) -> Made:
     onnx_export.check_onnx(path)
     runner = scorecard.onnx_runner(path)
     check = checks.check_int8("onnx_int8", checks.batched(runner, ctx.x_verify), ctx.fp32_logits)
+    ctx._shared["int8_onnx"] = path
     notes = {**ctx.int8_notes(config, tried), "tool": "onnxruntime.quantization quant_pre_process + quantize_static"}
     return Made({"format": "onnx", "precision": "int8", **ctx.ports(), "notes": notes}, check, runner)
 
@@ -215,6 +222,26 @@ def make_onnx_e2e(ctx: ExportContext, path: Path) -> Made:
     ports = ctx.ports("waveform", "probabilities", e2e.E2E_INPUT_NAME, e2e.E2E_OUTPUT_NAME,
                       shape_in=["batch", ctx.spec.clip_samples])
     return Made({"format": "onnx", "precision": "fp32", **ports, "notes": notes}, check, runner)
+
+
+def make_onnx_e2e_int8(ctx: ExportContext, path: Path) -> Made:
+    network = ctx.int8_onnx()
+    e2e.export_e2e_int8(network, ctx.spec, path)
+    onnx_export.check_onnx(path)
+    runner = scorecard.onnx_runner(path, input_kind="waveform", output_kind="probabilities")
+    got = np.concatenate([runner(w) for w in ctx.verify_set.waveform_batches()])
+    want = checks.softmax(checks.batched(scorecard.onnx_runner(network), ctx.x_verify))
+    check = {**checks.check_same_network("onnx_e2e_int8 (against kws_runtime.log_mel + the int8 network)", got, want),
+             **checks.check_int8("onnx_e2e_int8", got, ctx.fp32_logits)}
+    notes = {
+        "opset": onnx_export.OPSET,
+        "network": "the onnx_int8 network, unchanged (kws_export.e2e.export_e2e_int8 joins it to the front end)",
+        "features": "log-mel inside the graph in float32, as in onnx_e2e; the network's first QuantizeLinear takes them to int8",
+        "input": f"float32 waveform in [-1, 1] at {ctx.spec.sample_rate} Hz, padded or cut to {ctx.spec.clip_samples} samples",
+    }
+    ports = ctx.ports("waveform", "probabilities", e2e.E2E_INPUT_NAME, e2e.E2E_OUTPUT_NAME,
+                      shape_in=["batch", ctx.spec.clip_samples])
+    return Made({"format": "onnx", "precision": "int8", **ports, "notes": notes}, check, runner)
 
 
 def make_executorch_fp32(ctx: ExportContext, path: Path) -> Made:
@@ -260,6 +287,7 @@ ARTIFACTS = (
     ArtifactKind("onnx_fp32", "model.onnx", make_onnx_fp32, "onnx"),
     ArtifactKind("onnx_int8", "model.int8.onnx", make_onnx_int8, "onnx", int8=True),
     ArtifactKind("onnx_e2e", "model.e2e.onnx", make_onnx_e2e, "onnx"),
+    ArtifactKind("onnx_e2e_int8", "model.e2e.int8.onnx", make_onnx_e2e_int8, "onnx", int8=True),
     ArtifactKind("executorch_fp32", "model.pte", make_executorch_fp32, "executorch",
                  missing=executorch_export.missing_reason),
     ArtifactKind("executorch_int8", "model.int8.pte", make_executorch_int8, "executorch", int8=True,

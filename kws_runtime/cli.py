@@ -3,9 +3,10 @@
     kws predict BUNDLE PATH... [--top-k K] [--json] [--artifact NAME] [--threads N]
     kws stream BUNDLE FILE... [--json] [--threshold T] [--hop-ms MS]     (kws_runtime.stream_cli)
     kws listen BUNDLE [--device ID] [--list-devices]
+    kws serve BUNDLE [--port P]                                          (kws_runtime.serve)
     kws info BUNDLE
 
-Exit status (`kws_runtime.exit_codes`, shared by all four commands): 0 when every file was
+Exit status (`kws_runtime.exit_codes`, shared by all the commands): 0 when every file was
 classified, 1 when some file could not be, 2 for a bad bundle or bad arguments, 130 on Ctrl-C.
 """
 
@@ -80,9 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("bundle", metavar="BUNDLE", help="model bundle folder (with manifest.json)")
     info.set_defaults(run=_info)
 
-    from .stream_cli import add_commands
+    from . import serve, stream_cli
 
-    add_commands(commands, _positive)
+    stream_cli.add_commands(commands, _positive)
+    serve.add_command(commands, stream_cli.detector_options, stream_cli.detector_config)
     return parser
 
 

@@ -32,7 +32,7 @@ def add_commands(commands, positive) -> None:
     stream.add_argument("--json", action="store_true", help="one JSON object per event")
     stream.add_argument("--artifact", metavar="NAME", help="ONNX artifact to run (default as kws predict)")
     stream.add_argument("--threads", type=positive, default=None, metavar="N", help="onnxruntime intra-op threads")
-    _detector_options(stream)
+    detector_options(stream)
     stream.set_defaults(run=_stream)
 
     listen = commands.add_parser("listen", help="find keywords live from the microphone",
@@ -41,7 +41,7 @@ def add_commands(commands, positive) -> None:
     listen.add_argument("--device", help="input device index or name (see --list-devices)")
     listen.add_argument("--list-devices", action="store_true", help="list the input devices and exit")
     listen.add_argument("--artifact", metavar="NAME", help="ONNX artifact to run")
-    _detector_options(listen)
+    detector_options(listen)
     listen.set_defaults(run=_listen)
 
     evaluate = commands.add_parser("evaluate-stream", help="hit rate and false alarms per hour on test streams",
@@ -57,11 +57,11 @@ def add_commands(commands, positive) -> None:
                           help="signal-to-noise ratios, one stream each (default 20 10 0)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--artifact", metavar="NAME", help="ONNX artifact to run")
-    _detector_options(evaluate)
+    detector_options(evaluate)
     evaluate.set_defaults(run=_evaluate)
 
 
-def _detector_options(p: argparse.ArgumentParser) -> None:
+def detector_options(p: argparse.ArgumentParser) -> None:
     d = DetectorConfig()
     p.add_argument("--threshold", type=float, metavar="T", help=f"averaged probability to fire (default {d.threshold:g})")
     p.add_argument("--hop-ms", type=float, metavar="MS", help=f"score the latest window every MS ms (default {d.hop_ms:g})")

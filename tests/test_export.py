@@ -194,6 +194,30 @@ def test_end_to_end_onnx_equals_runtime_features_plus_model(exported, test_input
     assert np.allclose(got.sum(1), 1.0, atol=1e-5)
 
 
+def test_int8_end_to_end_onnx_is_the_float_front_end_before_the_int8_network(exported, test_inputs):
+    arch, ckpt, out, report = exported
+    audio, x, _ = test_inputs
+    model = onnx.load(str(out / "model.e2e.int8.onnx"))
+    ops = [node.op_type for node in model.graph.node]
+    # the DFT convolution is a float Conv ahead of the first QuantizeLinear
+    assert ops.index("Conv") < ops.index("QuantizeLinear") and ops[-1] == "Softmax"
+    got = _session(out / "model.e2e.int8.onnx").run(None, {"waveform": audio})[0]
+    logits = _session(out / "model.int8.onnx").run(None, {"log_mel": x})[0]
+    assert np.array_equal(got.argmax(1), logits.argmax(1))
+    assert np.allclose(got.sum(1), 1.0, atol=1e-5)
+    artifact = load_bundle(out).artifacts["onnx_e2e_int8"]
+    assert artifact.precision == "int8" and artifact.input_kind == "waveform"
+    assert artifact.metrics["verification"]["agreement_int8_network"] >= 0.995
+
+
+def test_int8_end_to_end_alone_quantizes_its_network_aside(small, real_data, tmp_path):
+    arch, ckpt, out, report = small
+    target = tmp_path / "e2e-int8"
+    export_bundle(ckpt, target, real_data, real_data, formats=("onnx_e2e_int8",), **KW)
+    assert list(load_bundle(target).artifacts) == ["onnx_e2e_int8"]
+    assert sorted(p.name for p in target.iterdir() if p.suffix == ".onnx") == ["model.e2e.int8.onnx"]
+
+
 TORCH_ONLY = textwrap.dedent(
     """
     import sys, torch
@@ -432,7 +456,7 @@ def test_cli_writes_a_bundle(small, real_data, tmp_path, capsys):
                       "--test-clips", "12", "--latency-runs", "2", "--threads", "1", "-q"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert set(load_bundle(target).artifacts) == {"onnx_fp32", "onnx_int8", "onnx_e2e"}
+    assert set(load_bundle(target).artifacts) == {"onnx_fp32", "onnx_int8", "onnx_e2e", "onnx_e2e_int8"}
     assert "manifest.json" in captured.out
 
 
