@@ -81,3 +81,10 @@ def open_page(browser, url: str, permissions=(), timeout_ms: int = 60_000):
     if problem or errors:
         raise AssertionError(f"the page failed to start: {problem or errors}")
     return page
+
+
+def ort_web_dir() -> Path:
+    """onnxruntime-web's files, as ``kws serve`` finds them."""
+    from kws_runtime.serve import find_ort_web
+
+    return find_ort_web()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-AREAS = ("features", "inference", "end_to_end", "streaming", "footprint", "training_data", "gpu")
+AREAS = ("features", "inference", "end_to_end", "streaming", "browser", "footprint", "training_data", "gpu")
 
 
 def test_quick_benchmark_writes_every_area(real_data, tmp_path):
@@ -34,8 +34,11 @@ def test_quick_benchmark_writes_every_area(real_data, tmp_path):
     assert footprint["installed"]["runtime"]["mb"] < footprint["installed"]["training"]["mb"]
     assert r["training_data"]["rows"][0]["vs_baseline"] == 1.0
     assert r["gpu"]["rows"] or r["gpu"]["absent"]
+    if "absent" not in r["browser"]:  # Chromium, Playwright and onnxruntime-web are here
+        assert all(row["median_ms"] > 0 and row["hops"] > 10 for row in r["browser"]["rows"])
+        assert r["browser"]["download"]["files"]["model.onnx"] > 1e5 and r["browser"]["same_events_every_run"]
     text = out_md.read_text()
-    for heading in ("## Features", "## Inference per artifact", "## End to end", "## Streaming", "## Footprint",
+    for heading in ("## Features", "## Inference per artifact", "## End to end", "## Streaming", "## In the browser", "## Footprint",
                     "## Training data pipeline", "## GPU"):
         assert heading in text, heading
     assert "| shufflenet-v2-0.5x | onnx_int8 | onnx | int8 |" in text

@@ -8,11 +8,12 @@ Areas: the machine; features (`log_mel` against librosa and against numpy's bare
 same frames); inference of every artifact of each bundle (batch 1 latency, batch 64
 throughput, one thread); end to end, file to label (the runtime against the seed's path:
 librosa + eager torch fp32 on the same model and features, and the seed's original 40 x 32
-configuration); streaming (real-time factor, detector overhead); footprint (import time, peak
+configuration); streaming (real-time factor, detector overhead); the browser page (time per
+hop in onnxruntime-web against `kws stream`, download size); footprint (import time, peak
 memory of a prediction process, installed size); the training data pipeline; GPU rows when a
 GPU is there. Contenders take turns so load from other work hits them alike. Each area's
 measurement lives in its own script (`bench_runtime.py`, `bench_stream.py`, `bench_data.py`,
-`bench_train.py`); this one calls them and adds the end-to-end comparison.
+`bench_train.py`, `bench_browser.py`); this one calls them and adds the end-to-end comparison.
 
 Writes ``--json`` (every raw timing) and ``--markdown`` (default docs/benchmarks.md: one table
 per area, the machine line on top, the command that regenerated it).
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
              ("inference", lambda: inference(args.bundles, files, args.quick)),
              ("end_to_end", lambda: end_to_end(args.bundles, files, args.quick)),
              ("streaming", lambda: streaming(args.bundles, args.quick)),
+             ("browser", lambda: browser(args.bundles, args.quick)),
              ("footprint", lambda: footprint(args.bundles[0], files, args.quick)),
              ("training_data", lambda: training_data(args.data, args.quick)),
              ("gpu", gpu))
@@ -294,6 +296,18 @@ def streaming(bundles: list, quick: bool) -> dict:
     return {"rows": rows, "note": "100 ms hop, one thread; overhead: detector time beyond the model run, over the model run"}
 
 
+def browser(bundles: list, quick: bool) -> dict:
+    import bench_browser
+
+    served = [b for b in bundles if "onnx_e2e_int8" in load_bundle(b).artifacts]
+    if not served:
+        return {"absent": "no bundle has an onnx_e2e_int8 artifact"}
+    bundle = served[-1]  # the cheapest of the shipped ones
+    if quick:
+        return bench_browser.measure(str(bundle), 3.0, thread_counts=(1,), artifacts=("onnx_e2e_int8",))
+    return bench_browser.measure(str(bundle), 30.0)
+
+
 # ---------------------------------------------------------------------------------- footprint
 
 
@@ -403,6 +417,22 @@ def _where_time_goes(x: dict) -> str:
             f"at most {x['seed_path_ms'] / x['model_ms']:.1f}x faster than the seed path: the model run bounds the ratio.")
 
 
+def _browser_lines(b: dict) -> list:
+    if "absent" in b:
+        return [f"Absent: {b['absent']}."]
+    d = b["download"]
+    lines = [f"{b['bundle']}, the page's file picker over {b['audio_s']:g} s of audio in headless Chromium; model time per "
+             f"100 ms hop (`session.run`), against `kws stream`'s detector on the same artifact, one thread, taking turns.", ""]
+    lines += _table(["artifact", "browser threads", "browser ms per hop (median)", "p90", "kws stream ms per hop", "browser / kws stream",
+                     "page ready s"],
+                    [[x["artifact"], x["threads"], f"{x['median_ms']:.2f}", f"{x['p90_ms']:.2f}", f"{x['kws_stream_ms']:.2f}",
+                      f"{x['median_ms'] / x['kws_stream_ms']:.1f}x", f"{x['ready_s']:.1f}"] for x in b["rows"]])
+    files = ", ".join(f"{name} {size / 1e6:.2f}" for name, size in d["files"].items())
+    return lines + ["", f"`kws stream`'s default (onnx_int8 on incremental features): {b['kws_stream_default_ms']:.2f} ms per hop. "
+                        f"Page download {d['total_mb']:.1f} MB uncompressed (MB: {files}); the WebAssembly file is "
+                        f"{d['wasm_gzip_mb']:.1f} MB gzipped. Same events in every browser run: {b['same_events_every_run']}."]
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
@@ -433,6 +463,7 @@ def markdown(r: dict) -> str:
     out += _table(["bundle", "real-time factor", "ms per hop", "model ms per hop", "overhead", "incremental features"],
                   [[x["bundle"], f"{x['real_time_factor']:.4f}", f"{x['ms_per_hop']:.2f}", f"{x['model_ms_per_hop']:.2f}",
                     f"{100 * x['overhead_vs_model']:.1f}%", x["incremental"]] for x in r["streaming"]["rows"]])
+    out += ["", "## In the browser (`kws serve`)", ""] + _browser_lines(r["browser"])
     f = r["footprint"]
     imports = ", ".join(f"`import {k}` {v:.3f} s" if v is not None else f"`import {k}` not installed" for k, v in f["import_s"].items())
     out += ["", "## Footprint", "", f"Import time (fresh interpreter, best of several): {imports}.", "",
