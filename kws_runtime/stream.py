@@ -98,7 +98,30 @@ class WindowFeatures:
         starts = t * spec.hop_length - half  # of each frame's support, in window samples
         self._interior = (starts >= 0) & (starts + spec.n_fft <= spec.clip_samples)
         self._starts = starts
+        if self.incremental:
+            self._plan_one_hop(half)
         self.reset()
+
+    def _plan_one_hop(self, half: int) -> None:
+        """What a window one hop after the previous one reuses and computes, worked out once:
+        streams advance by exactly one hop, and per-hop numpy calls are what the time goes to."""
+        spec = self.spec
+        shift = self.hop // spec.hop_length
+        source = np.arange(spec.n_frames) + shift
+        inside = source < spec.n_frames
+        reused = np.zeros(spec.n_frames, dtype=bool)
+        reused[inside] = self._interior[inside] & self._interior[source[inside]]
+        # The interior frames form one run, so the reused ones do: slices, not masks.
+        first, last = np.flatnonzero(reused)[[0, -1]] if reused.any() else (0, -1)
+        self._hop_reused = slice(first, last + 1)
+        self._hop_source = slice(first + shift, last + 1 + shift)
+        self._hop_computed = np.r_[0:first, last + 1 : spec.n_frames]
+        self._analysis = features.analysis_window(spec)
+        self._filterbank_t = np.ascontiguousarray(features.mel_filterbank(spec).T)
+        # constant padding stays zero: each window is copied between the two pads, under a
+        # view of all its frames made once
+        self._padded = np.zeros(spec.clip_samples + 2 * half) if spec.pad_mode == "constant" else None
+        self._frames = None if self._padded is None else _frame_view(self._padded, spec)
 
     def reset(self) -> None:
         self._previous: Optional[tuple] = None  # (window start, mel power of its frames)
@@ -110,6 +133,8 @@ class WindowFeatures:
         if not self.incremental:
             padded = _pad(window, spec)
             return _to_db(frame_mel_power(padded, spec), spec)
+        if self._previous is not None and window_start - self._previous[0] == self.hop:
+            return self._one_hop_on(window, window_start)
         mel = np.empty((spec.n_frames, spec.n_mels))
         # An interior frame t of this window is interior frame t + shift of the previous one;
         # the rest (the edge frames, and the newest frames next to the right edge, one run
@@ -125,6 +150,29 @@ class WindowFeatures:
         for run in _runs(np.flatnonzero(~reused)):
             lo, hi = self._starts[run[0]] + half, self._starts[run[-1]] + half + spec.n_fft
             mel[run[0] : run[-1] + 1] = frame_mel_power(padded[lo:hi], spec)
+        self._previous = (window_start, mel)
+        return _to_db(mel, spec)
+
+    def _one_hop_on(self, window: np.ndarray, window_start: int) -> np.ndarray:
+        """The same frames as the general path, for a window one hop on: one gather, one rfft
+        and one product with the filterbank for every frame that is computed."""
+        spec = self.spec
+        if self._padded is not None:
+            half = spec.n_fft // 2
+            self._padded[half : half + spec.clip_samples] = window
+            all_frames = self._frames
+        else:
+            all_frames = _frame_view(_pad(window, spec), spec)
+        frames = all_frames[self._hop_computed]
+        frames *= self._analysis
+        spectrum = np.fft.rfft(frames, axis=-1)
+        if spec.power == 2.0:
+            power = spectrum.real**2 + spectrum.imag**2
+        else:
+            power = np.abs(spectrum) ** spec.power
+        mel = np.empty((spec.n_frames, spec.n_mels))
+        mel[self._hop_reused] = self._previous[1][self._hop_source]
+        mel[self._hop_computed] = power @ self._filterbank_t
         self._previous = (window_start, mel)
         return _to_db(mel, spec)
 
@@ -146,12 +194,13 @@ class Smoother:
     def update(self, now_ms: float, probabilities: np.ndarray) -> Optional[Event]:
         """The event the window ending at ``now_ms`` completes, if any."""
         config = self.config
-        self._results.append((now_ms, probabilities))
+        self._results.append((now_ms, np.asarray(probabilities, dtype=np.float64)))
         while self._results and self._results[0][0] <= now_ms - config.average_ms:
             self._results.popleft()
         if len(self._results) < config.min_count:
             return None
-        average = np.mean([p for _, p in self._results], axis=0)
+        # in float64, oldest first, then divided: as the browser page's Smoother adds them up
+        average = sum(p for _, p in self._results) / len(self._results)
         top = int(np.argmax(average))
         score = float(average[top])
         last = self._last_event[0] if self._last_event is not None else None
@@ -267,6 +316,13 @@ class Detector:
 
 def _pad(window: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     return features._pad(window[None], spec)[0]  # as log_mel pads a clip
+
+
+def _frame_view(padded: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """Read-only ``(n_frames, n_fft)`` view of a padded window's frames."""
+    step = padded.strides[0]
+    return np.lib.stride_tricks.as_strided(padded, (spec.n_frames, spec.n_fft), (spec.hop_length * step, step),
+                                           writeable=False)
 
 
 def _to_db(mel_power: np.ndarray, spec: FeatureSpec) -> np.ndarray:
