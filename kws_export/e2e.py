@@ -6,7 +6,8 @@ the DFT basis multiplied by `kws_runtime.features.analysis_window`, followed by 
 `kws_runtime.features.mel_filterbank` and the spec's dB conversion -- the same computation as
 `kws_runtime.log_mel`, with the runtime's window and filterbank, in float32. (The training
 front end, `kws_train.frontend.LogMel`, splits CPU batches into chunks, which fixes the batch
-size of an exported graph.)
+size of an exported graph.) `export_e2e_int8` puts the same front end, still float, before the
+bundle's int8 network.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from onnx import helper
 from torch import nn
 
 from kws_runtime.features import analysis_window, mel_filterbank
-from kws_runtime.spec import FeatureSpec
-
 from kws_runtime.files import atomic_path
+from kws_runtime.spec import FeatureSpec
 
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
 

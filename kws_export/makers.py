@@ -63,7 +63,7 @@ class ExportContext:
     log: Callable[[str], None]
     warn: Callable[[str], None]
     # made once, used by several makers: the traced fp32 module, the quantized torch model,
-    # the fp32 ONNX file int8 is quantized from
+    # the fp32 ONNX file int8 is quantized from, the int8 ONNX network
     _shared: dict = dataclasses.field(default_factory=dict)
 
     @property

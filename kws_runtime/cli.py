@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     from . import serve, stream_cli
 
     stream_cli.add_commands(commands, _positive)
-    serve.add_command(commands, stream_cli.detector_options, stream_cli.detector_config)
+    serve.add_command(commands)
     return parser
 
 

@@ -16,16 +16,20 @@ the cross-origin isolation headers, so onnxruntime-web may use threads (``?threa
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import http.server
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Optional
 
-from .bundle import Artifact, Bundle
+from . import exit_codes
+from .bundle import Artifact, Bundle, load_bundle
 from .stream import QUIET_LABELS, DetectorConfig
+from .stream_cli import detector_config, detector_options
 
 PAGE_DIR = Path(__file__).resolve().parent / "web"
 # The page's own files, by URL path.
@@ -172,13 +176,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass  # one line per request would drown the page's address
 
 
-def add_command(commands, detector_options, detector_config) -> None:
+def add_command(commands) -> None:
     """Add ``serve`` to the ``kws`` subcommands."""
     serve = commands.add_parser("serve", help="run a bundle in the browser",
                                 description="Serve a web page that finds keywords with the bundle's end-to-end "
                                 "model in the browser (onnxruntime-web), from the microphone or a WAV file.")
     serve.add_argument("bundle", metavar="BUNDLE", help="model bundle folder with an end-to-end ONNX artifact")
-    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1; browsers allow the microphone only on localhost "
                        "or over HTTPS)")
@@ -186,15 +190,16 @@ def add_command(commands, detector_options, detector_config) -> None:
     serve.add_argument("--ort-dir", metavar="DIR", help=f"onnxruntime-web's dist folder (default: ${ORT_ENV}, "
                        "else web/node_modules/onnxruntime-web/dist)")
     detector_options(serve)
-    serve.set_defaults(run=lambda args: _serve(args, detector_config))
+    serve.set_defaults(run=_serve)
 
 
-def _serve(args, detector_config) -> int:
-    import sys
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return int(text)
 
-    from . import exit_codes
-    from .bundle import load_bundle
 
+def _serve(args) -> int:
     bundle = load_bundle(args.bundle)
     try:
         server = PageServer(bundle, detector_config(bundle, args), args.host, args.port, args.artifact, args.ort_dir)

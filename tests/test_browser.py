@@ -223,6 +223,8 @@ def test_server_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "npm ci --prefix web" in out.stderr, out.stderr
     out = kws_serve(BUNDLE, "--artifact", "onnx_int8", "--port", "0")
     assert out.returncode == 2 and "not an end-to-end ONNX artifact" in out.stderr, out.stderr
+    out = kws_serve(BUNDLE, "--port", "70000")
+    assert out.returncode == 2 and "0 to 65535" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_bundle_without_an_end_to_end_model_is_refused():
