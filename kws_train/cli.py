@@ -33,8 +33,10 @@ def _train_parser() -> argparse.ArgumentParser:
     # Defaults and choices come from the library's dataclasses and constants, never restated.
     from kws_runtime.spec import PRESET_ALIASES, PRESETS
 
+    from .augment import AugmentConfig
     from .dataset import TASKS
     from .models import ALIASES, ARCHITECTURES, VARIANT_NAMES
+    from .recipe import default_of
     from .trainer import AMP_MODES, BALANCING, DEFAULT_LR, OPTIMIZERS, TrainConfig
 
     default = TrainConfig.__dataclass_fields__
@@ -74,6 +76,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance", choices=BALANCING, default=default["balance"].default,
                    help=f"class balancing: loss weights, a balanced sampler, or none (default {default['balance'].default})")
     p.add_argument("--no-augment", action="store_true", help="no time shift, noise, gain or SpecAugment")
+    p.add_argument("--shift-ms", type=float, metavar="MS",
+                   help="largest random time shift either way, in ms (default "
+                   f"{default_of(AugmentConfig, 'shift_ms'):g}; wider shifts train for windows that slide over words)")
     _add_split_options(p)
     p.add_argument("--extra-train", action="append", default=[], metavar="DIR",
                    help="another dataset (e.g. from 'kws-data synth') whose clips all join the training split; repeatable")
@@ -175,7 +180,8 @@ def _run_train(args) -> int:
         data=args.data, out=out, architecture=architecture, variant=args.variant, task=args.task,
         features=args.features, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
-        balance=args.balance, augment=not args.no_augment, split=args.split, split_salt=args.salt,
+        balance=args.balance, augment=not args.no_augment,
+        augment_config={} if args.shift_ms is None else {"shift_ms": args.shift_ms}, split=args.split, split_salt=args.salt,
         validation_fraction=args.val_fraction, testing_fraction=args.test_fraction, extra_train=args.extra_train,
         device=device, amp=args.amp, compile=args.compile, seed=args.seed, resume=args.resume,
         stop_after_epochs=args.stop_after, cache_dir=args.cache_dir, threads=args.threads,
