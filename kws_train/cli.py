@@ -75,6 +75,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=default["label_smoothing"].default, metavar="E")
     p.add_argument("--balance", choices=BALANCING, default=default["balance"].default,
                    help=f"class balancing: loss weights, a balanced sampler, or none (default {default['balance'].default})")
+    p.add_argument("--unknown-share", type=float, default=default["unknown_share"].default, metavar="F",
+                   help="12-class task: other-word clips drawn as _unknown_, as a fraction of the command clips "
+                   f"(default {default['unknown_share'].default:g}; 1 takes every other-word clip of a folder this size)")
     p.add_argument("--no-augment", action="store_true", help="no time shift, noise, gain or SpecAugment")
     p.add_argument("--shift-ms", type=float, metavar="MS",
                    help="largest random time shift either way, in ms (default "
@@ -181,7 +184,8 @@ def _run_train(args) -> int:
         features=args.features, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
         balance=args.balance, augment=not args.no_augment,
-        augment_config={} if args.shift_ms is None else {"shift_ms": args.shift_ms}, split=args.split, split_salt=args.salt,
+        augment_config={} if args.shift_ms is None else {"shift_ms": args.shift_ms}, unknown_share=args.unknown_share,
+        split=args.split, split_salt=args.salt,
         validation_fraction=args.val_fraction, testing_fraction=args.test_fraction, extra_train=args.extra_train,
         device=device, amp=args.amp, compile=args.compile, seed=args.seed, resume=args.resume,
         stop_after_epochs=args.stop_after, cache_dir=args.cache_dir, threads=args.threads,
