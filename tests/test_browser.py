@@ -113,6 +113,12 @@ def test_fake_microphone_finds_what_kws_stream_finds(playwright, url, recording,
         # the browser resamples the fake device's audio twice: a hop either way is the same detection
         assert_same_events(first_pass, expected, time_tolerance=HOP_S)
         assert "listening" in page.inner_text("#status")
+        # a recording chosen while listening stops the microphone first: its hops alone reach the detector
+        page.set_input_files("#file", str(recording))
+        page.wait_for_function("window.kws.fileDone || window.kws.error", timeout=120_000)
+        state = page.evaluate("window.kws")
+        assert state["mode"] == "idle" and state["error"] is None
+        assert_same_events(state["events"], expected, time_tolerance=0)
     finally:
         chromium.close()
 

@@ -30,8 +30,10 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import importlib.metadata  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -359,12 +361,38 @@ def footprint(bundle: Path, files: list, quick: bool) -> dict:
     manifest = load_bundle(bundle).model
     torch_rss, torch_seconds = bench_runtime.peak_rss([sys.executable, "-c", TORCH_PATH, manifest["architecture"],
                                                         manifest["variant"], *map(str, files[:64])])
-    runtime = ["numpy", "onnxruntime", "soundfile", "soxr"]
-    training = runtime + ["torch", "librosa", "onnx", "onnxscript", "thop", "tqdm", "matplotlib", "espeakng-loader"]
+    if quick:
+        runtime = ["numpy", "onnxruntime", "soundfile", "soxr"]
+        training = runtime + ["torch", "librosa", "onnx", "onnxscript", "thop", "tqdm", "matplotlib", "espeakng-loader"]
+        installed = {"runtime": _installed_mb(runtime), "training": _installed_mb(training)}
+        note = "the files of the runtime's and of the training install's distributions in this environment"
+    else:
+        installed = {"runtime": _venv_install_mb(["."]), "training": _venv_install_mb(["-r", "requirements-ci.txt", ".[train]"])}
+        note = "two fresh virtualenvs, `pip install .` and `pip install -r requirements-ci.txt '.[train]'`, their size beyond an empty one's"
     return {"import_s": imports, "predict_peak_rss_mb": rss / 1e6, "predict_seconds": seconds, "predict_files": len(files[:64]),
-            "torch_path_peak_rss_mb": torch_rss / 1e6, "torch_path_seconds": torch_seconds,
-            "installed": {"runtime": _installed_mb(runtime), "training": _installed_mb(training)},
-            "note": "the files of the runtime's and of the training install's distributions in this environment"}
+            "torch_path_peak_rss_mb": torch_rss / 1e6, "torch_path_seconds": torch_seconds, "installed": installed, "note": note}
+
+
+def _venv_install_mb(pip_args: list) -> dict:
+    """Size of what ``pip install PIP_ARGS`` (run in the repository) puts into a new virtualenv."""
+    with tempfile.TemporaryDirectory() as tmp:
+        venv = Path(tmp) / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        python = str(venv / "bin" / "python")
+
+        def listed() -> int:
+            out = subprocess.run([python, "-m", "pip", "list", "--format=json"], check=True, capture_output=True, text=True)
+            return len(json.loads(out.stdout))
+
+        empty, empty_packages = _tree_bytes(venv), listed()
+        start = time.perf_counter()
+        subprocess.run([python, "-m", "pip", "install", "-q", *pip_args], cwd=REPO, check=True, capture_output=True)
+        seconds = time.perf_counter() - start
+        return {"packages": listed() - empty_packages, "mb": (_tree_bytes(venv) - empty) / 1e6, "install_s": seconds}
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 # ------------------------------------------------------------------------------ training data

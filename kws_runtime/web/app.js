@@ -37,7 +37,7 @@ async function main() {
   $("about").textContent = `${config.bundle}: ${config.artifact} (${config.precision}), ${config.labels.length} classes, ` +
     `${config.sample_rate} Hz, onnxruntime-web ${ort.env.versions.web}, ${state.threads} thread(s).`;
   $("start").onclick = () => startListening().catch(fail);
-  $("stop").onclick = () => stopListening();
+  $("stop").onclick = () => stopListening().catch(fail);
   $("file").onchange = (e) => e.target.files[0] && runFile(e.target.files[0]).catch(fail);
   $("start").disabled = $("file").disabled = false;
   state.ready = true;
@@ -68,13 +68,14 @@ async function startListening() {
   source.connect(capture).connect(mute).connect(context.destination);
   detector.reset();
   clearEvents();
-  let queue = Promise.resolve();
+  const current = { stream, context, capture, queue: Promise.resolve() };
   capture.port.onmessage = (message) => {
     const chunk = resampler ? resampler.process(message.data) : message.data;
     state.samplesFed += chunk.length;
-    queue = queue.then(() => detector.feed(chunk)).then(showEvents).catch(fail);
+    // hops are scored one after the other, never two at once
+    current.queue = current.queue.then(() => detector.feed(chunk)).then(showEvents).catch(fail);
   };
-  live = { stream, context };
+  live = current;
   state.mode = "listening";
   $("start").disabled = true;
   $("stop").disabled = false;
@@ -114,11 +115,15 @@ function microphoneProblem(error) {
   }
 }
 
-function stopListening() {
+// Stops the capture and waits for the hops already queued, so nothing else feeds the detector meanwhile.
+async function stopListening() {
   if (!live) return;
-  live.stream.getTracks().forEach((track) => track.stop());
-  live.context.close();
+  const { stream, context, capture, queue } = live;
   live = null;
+  capture.port.onmessage = null;
+  stream.getTracks().forEach((track) => track.stop());
+  await context.close();
+  await queue;
   state.mode = "idle";
   $("start").disabled = false;
   $("stop").disabled = true;
@@ -129,7 +134,7 @@ function stopListening() {
 
 async function runFile(file) {
   say(null);
-  stopListening();
+  await stopListening();
   let audio;
   try {
     // decoding in a context at the model's rate resamples as it decodes
