@@ -49,7 +49,7 @@ async function startListening() {
   say(null);
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
     say("This page cannot use a microphone here: browsers allow it only on localhost or over HTTPS. " +
-      "Open the page at http://localhost:PORT/, or choose a recording below.");
+      `Open it at http://localhost:${location.port || 80}/ on this machine, or choose a recording below.`);
     return;
   }
   let stream;
@@ -86,10 +86,14 @@ async function startListening() {
 // An audio context at the model's rate lets the browser resample; where it cannot, the page does.
 async function openContext(stream) {
   if (params.get("resample") !== "page") {
+    let context = null;
     try {
-      const context = new AudioContext({ sampleRate: config.sample_rate });
-      return { context, source: context.createMediaStreamSource(stream), resampler: null };
+      context = new AudioContext({ sampleRate: config.sample_rate });
+      const source = context.createMediaStreamSource(stream);
+      state.resampledInPage = false;
+      return { context, source, resampler: null };
     } catch (error) {
+      if (context) context.close();
       console.info(`no audio context at ${config.sample_rate} Hz (${error.message}); resampling in the page`);
     }
   }
