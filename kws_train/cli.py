@@ -37,7 +37,7 @@ def _train_parser() -> argparse.ArgumentParser:
     from .dataset import TASKS
     from .models import ALIASES, ARCHITECTURES, VARIANT_NAMES
     from .recipe import default_of
-    from .trainer import AMP_MODES, BALANCING, DEFAULT_LR, OPTIMIZERS, TrainConfig
+    from .trainer import AMP_MODES, BALANCING, OPTIMIZERS, SCHEDULES, SGD_LR, TrainConfig
 
     default = TrainConfig.__dataclass_fields__
     model = default["architecture"].default
@@ -51,8 +51,10 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--data", metavar="PATH",
                    help="training: a Speech Commands folder; prediction: an audio file or a folder of them")
     p.add_argument("-t", "--train", action="store_true", help="train (otherwise predict the audio files in -d)")
-    p.add_argument("-e", "--epochs", type=int, default=default["epochs"].default, metavar="N",
-                   help=f"epochs (default {default['epochs'].default})")
+    per_architecture = "; ".join(f"{name} {s.epochs} epochs, lr {s.adamw_lr:g}, warm-up {s.warmup_epochs:g}"
+                                 for name, s in SCHEDULES.items())
+    p.add_argument("-e", "--epochs", type=int, metavar="N",
+                   help=f"epochs (default per architecture: {per_architecture})")
     p.add_argument("-b", "--batch-size", type=int, default=default["batch_size"].default, metavar="N",
                    help=f"clips per step and GPU (default {default['batch_size'].default})")
     p.add_argument("-g", "--gpu", action="store_true", help="use the GPU (an error if there is none)")
@@ -67,11 +69,11 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="model variant: default (adapted to 40-band log-mel inputs) or imagenet (the original ImageNet "
                    f"layout; 'seed' is accepted for it) (default {default['variant'].default})")
     p.add_argument("--lr", type=float, metavar="LR",
-                   help="peak learning rate (default " + ", ".join(f"{v:g} {k}" for k, v in DEFAULT_LR.items()) + ")")
+                   help=f"peak learning rate (default: the architecture's with adamw, see -e; {SGD_LR:g} with sgd)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=default["optimizer"].default)
     p.add_argument("--weight-decay", type=float, default=default["weight_decay"].default, metavar="WD")
-    p.add_argument("--warmup", type=float, default=default["warmup_epochs"].default, metavar="EPOCHS",
-                   help=f"linear warm-up epochs (default {default['warmup_epochs'].default:g})")
+    p.add_argument("--warmup", type=float, metavar="EPOCHS",
+                   help="linear warm-up epochs (default: the architecture's, see -e)")
     p.add_argument("--label-smoothing", type=float, default=default["label_smoothing"].default, metavar="E")
     p.add_argument("--balance", choices=BALANCING, default=default["balance"].default,
                    help=f"class balancing: loss weights, a balanced sampler, or none (default {default['balance'].default})")
@@ -82,6 +84,12 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-ms", type=float, metavar="MS",
                    help="largest random time shift either way, in ms (default "
                    f"{default_of(AugmentConfig, 'shift_ms'):g}; wider shifts train for windows that slide over words)")
+    p.add_argument("--teacher", action="append", default=[], metavar="CKPT",
+                   help="distil from this trained checkpoint (same task and features); repeat for an ensemble")
+    p.add_argument("--distill-weight", type=float, default=default["distill_weight"].default, metavar="W",
+                   help=f"share of the distillation term in the loss (default {default['distill_weight'].default:g})")
+    p.add_argument("--distill-temperature", type=float, default=default["distill_temperature"].default, metavar="T",
+                   help=f"softmax temperature of distillation (default {default['distill_temperature'].default:g})")
     _add_split_options(p)
     p.add_argument("--extra-train", action="append", default=[], metavar="DIR",
                    help="another dataset (e.g. from 'kws-data synth') whose clips all join the training split; repeatable")
@@ -187,6 +195,7 @@ def _run_train(args) -> int:
         augment_config={} if args.shift_ms is None else {"shift_ms": args.shift_ms}, unknown_share=args.unknown_share,
         split=args.split, split_salt=args.salt,
         validation_fraction=args.val_fraction, testing_fraction=args.test_fraction, extra_train=args.extra_train,
+        teachers=args.teacher, distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
         device=device, amp=args.amp, compile=args.compile, seed=args.seed, resume=args.resume,
         stop_after_epochs=args.stop_after, cache_dir=args.cache_dir, threads=args.threads,
         save_weights=save_weights, quiet=args.quiet,

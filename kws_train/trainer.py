@@ -42,6 +42,7 @@ from .augment import AugmentConfig, build_frontend
 from .cache import BatchLoader, CachedSplit, build_cache
 from .checkpoint import CheckpointError, ResumeState, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .dataset import SPLITS, TASKS, background_noise, index_dataset
+from .distill import Distiller, load_teachers
 from .distributed import (
     DistContext, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed,
 )
@@ -58,7 +59,34 @@ __all__ = [
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 BALANCING = ("none", "loss", "sampler")
-DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.05}
+SGD_LR = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """An architecture's training defaults, measured on the official protocol (docs/accuracy.md).
+
+    Attributes:
+        epochs: epochs of a run.
+        adamw_lr: peak AdamW learning rate (SGD runs use `SGD_LR`).
+        warmup_epochs: linear warm-up before the cosine decay.
+    """
+
+    epochs: int
+    adamw_lr: float
+    warmup_epochs: float
+
+
+# The small models underfit ResNet-18's schedule (a short, cool one): they need a hotter
+# learning rate and more epochs; BC-ResNet follows Kim et al. 2021 (long, hot, warmed up).
+SCHEDULES = {
+    "resnet18": Schedule(epochs=30, adamw_lr=2e-3, warmup_epochs=1.0),
+    "mobilenet_v2": Schedule(epochs=40, adamw_lr=5e-3, warmup_epochs=2.0),
+    "shufflenet_v2_x0_5": Schedule(epochs=30, adamw_lr=1e-2, warmup_epochs=2.0),
+    "bc_resnet_1": Schedule(epochs=40, adamw_lr=1e-2, warmup_epochs=2.0),
+    "bc_resnet_3": Schedule(epochs=40, adamw_lr=1e-2, warmup_epochs=2.0),
+    "bc_resnet_8": Schedule(epochs=40, adamw_lr=1e-2, warmup_epochs=2.0),
+}
 
 # Settings a resumed run must share with the run it continues, besides its recipe (others,
 # like epochs or out, may change).
@@ -80,13 +108,15 @@ class TrainConfig:
         variant: ``"default"`` or ``"imagenet"`` (`kws_train.models`; ``"seed"`` is accepted).
         task: ``"12"`` or ``"35"``.
         features: feature preset name (`kws_runtime.FeatureSpec.preset`; ``"seed"`` is accepted).
-        epochs: total epochs of the run (a resumed run continues up to this number).
+        epochs: total epochs of the run (a resumed run continues up to this number); None: the
+            architecture's `SCHEDULES` entry.
         batch_size: clips per optimizer step per process.
         optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov momentum).
-        lr: peak learning rate; None picks `DEFAULT_LR` for the optimizer.
+        lr: peak learning rate; None: the architecture's AdamW rate, or `SGD_LR`.
         weight_decay: decoupled (AdamW) or L2 (SGD) decay on weights; never on norms and biases.
         momentum: SGD momentum.
-        warmup_epochs: linear warm-up from ``lr / 100`` before the cosine decay (may be fractional).
+        warmup_epochs: linear warm-up from ``lr / 100`` before the cosine decay (may be
+            fractional); None: the architecture's.
         min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
         label_smoothing: cross-entropy label smoothing.
         balance: ``"loss"`` (class weights ``1 / count``, normalised), ``"sampler"`` (draw
@@ -98,6 +128,10 @@ class TrainConfig:
         extra_train: more dataset roots whose clips all join the training split (e.g.
             synthetic speech from ``kws-data synth``); validation and test stay on ``data``.
         silence_share, unknown_share: 12-class task composition, fractions (`build_task`).
+        teachers: checkpoints of trained models (same labels and features) to distil from
+            (`kws_train.distill`); several form an ensemble. Empty: no distillation.
+        distill_weight: share of the distillation term in the loss, in (0, 1].
+        distill_temperature: softmax temperature of the distillation term.
         device: ``"auto"``, ``"cuda"`` or ``"cpu"``.
         amp: ``"auto"`` (bf16 on GPUs that have it, else fp16 with a gradient scaler; off on
             CPUs), ``"off"``, ``"bf16"`` or ``"fp16"`` (GPU only).
@@ -123,13 +157,13 @@ class TrainConfig:
     variant: str = "default"
     task: str = "12"
     features: str = "fine"
-    epochs: int = 30
+    epochs: Optional[int] = None
     batch_size: int = 128
     optimizer: str = "adamw"
     lr: Optional[float] = None
     weight_decay: float = 0.01
     momentum: float = 0.9
-    warmup_epochs: float = 1.0
+    warmup_epochs: Optional[float] = None
     min_lr_ratio: float = 0.01
     label_smoothing: float = 0.1
     balance: str = "loss"
@@ -142,6 +176,9 @@ class TrainConfig:
     extra_train: List[str] = dataclasses.field(default_factory=list)
     silence_share: float = default_of(RunRecipe, "silence_share")
     unknown_share: float = default_of(RunRecipe, "unknown_share")
+    teachers: List[str] = dataclasses.field(default_factory=list)
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
     device: str = "auto"
     amp: str = "auto"
     channels_last: Optional[bool] = None
@@ -166,8 +203,16 @@ class TrainConfig:
         except ValueError as error:
             raise ValueError(f"TrainConfig.architecture: {error}") from None
         self.task = str(self.task)
+        schedule = SCHEDULES[self.architecture]  # None means "this architecture's default", stored resolved
+        if self.epochs is None:
+            self.epochs = schedule.epochs
+        if self.warmup_epochs is None:
+            self.warmup_epochs = schedule.warmup_epochs
+        if self.lr is None and self.optimizer in OPTIMIZERS:
+            self.lr = schedule.adamw_lr if self.optimizer == "adamw" else SGD_LR
         self.data, self.out = os.fspath(self.data), os.fspath(self.out)
         self.extra_train = [os.fspath(p) for p in self.extra_train]
+        self.teachers = [os.fspath(p) for p in self.teachers]
         try:  # older spellings ("seed") are accepted and stored under today's names
             self.variant = canonical_variant(self.variant)
             self.features = canonical_preset(self.features)  # SpecError (a ValueError) names the presets
@@ -187,7 +232,7 @@ class TrainConfig:
             bad("stop_after_epochs", "must be a positive integer or None")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.optimizer in OPTIMIZERS and not (self.lr > 0 and math.isfinite(self.lr)):
             bad("lr", "must be a positive number")
         for field in ("weight_decay", "warmup_epochs", "momentum"):
             if not (getattr(self, field) >= 0):
@@ -196,6 +241,10 @@ class TrainConfig:
             bad("min_lr_ratio", "must be in [0, 1]")
         if not 0 <= self.label_smoothing < 1:
             bad("label_smoothing", "must be in [0, 1)")
+        if not 0 < self.distill_weight <= 1:
+            bad("distill_weight", "must be in (0, 1]")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            bad("distill_temperature", "must be a positive number")
         if self.balance not in BALANCING:
             bad("balance", f"choose one of {', '.join(BALANCING)}")
         try:
@@ -207,10 +256,6 @@ class TrainConfig:
         if self.amp not in AMP_MODES:
             bad("amp", f"choose one of {', '.join(AMP_MODES)}")
         AugmentConfig.from_dict(self.augment_config)  # unknown or bad fields fail now, not mid-run
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
     @property
     def spec(self) -> FeatureSpec:
@@ -328,8 +373,8 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
             (no_decay if parameter.ndim <= 1 else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.peak_lr, momentum=config.momentum, nesterov=config.momentum > 0)
-    return torch.optim.AdamW(groups, lr=config.peak_lr)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    return torch.optim.AdamW(groups, lr=config.lr)
 
 
 def _augment_seed(config: TrainConfig, epoch: int, rank: int) -> int:
@@ -394,6 +439,9 @@ def _prepare(config: TrainConfig, ctx: DistContext) -> Optional[tuple]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     elif ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    for teacher in config.teachers:  # now, not after the data is decoded
+        if not Path(teacher).is_file():
+            raise TrainError(f"teacher {teacher}: no such checkpoint file")
     resume = _load_resume_state(config)
     out = Path(config.out)
     if ctx.is_main:
@@ -495,6 +543,7 @@ class _Parts:
     criterion: nn.Module
     autocast_dtype: Optional[torch.dtype]
     channels_last: bool
+    distiller: Optional[Distiller]
 
 
 def _build(config: TrainConfig, ctx: DistContext, data: _RunData) -> _Parts:
@@ -523,12 +572,20 @@ def _build(config: TrainConfig, ctx: DistContext, data: _RunData) -> _Parts:
         net = torch.compile(net)
     if autocast_dtype:
         _log(ctx, config, f"autocast {str(autocast_dtype).replace('torch.', '')}")
+    distiller = None
+    if config.teachers:
+        teachers = load_teachers(config.teachers, data.labels, spec, device)
+        if channels_last:
+            teachers = [teacher.to(memory_format=torch.channels_last) for teacher in teachers]
+        distiller = Distiller(teachers, config.distill_weight, config.distill_temperature)
+        _log(ctx, config, f"distilling from {', '.join(config.teachers)} "
+             f"(weight {config.distill_weight:g}, temperature {config.distill_temperature:g})")
     return _Parts(
         model=model, net=net, frontend=frontend, eval_frontend=build_frontend(spec, None).to(device), augment=augment,
         optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
         criterion=nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing),
-        autocast_dtype=autocast_dtype, channels_last=channels_last,
+        autocast_dtype=autocast_dtype, channels_last=channels_last, distiller=distiller,
     )
 
 
@@ -606,7 +663,7 @@ def _fit(config: TrainConfig, ctx: DistContext, data: _RunData, parts: _Parts, p
         train_loss, train_acc, seen = train_epoch(
             parts.net, parts.frontend, data.loader, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion,
             device=ctx.device, autocast_dtype=parts.autocast_dtype, channels_last=parts.channels_last,
-            desc=f"epoch {epoch}/{config.epochs}", progress=show,
+            distiller=parts.distiller, desc=f"epoch {epoch}/{config.epochs}", progress=show,
         )
         samples_per_s = seen * ctx.world_size / max(time.perf_counter() - tick, 1e-9)
         progress.throughput.append(samples_per_s)
@@ -705,11 +762,13 @@ def _scheduler_state(scheduler) -> dict:
 
 
 def train_epoch(net, frontend, batches, optimizer, scheduler, scaler, criterion, *, device, autocast_dtype=None,
-                channels_last: bool = False, desc: str = "", progress: bool = False):
+                channels_last: bool = False, distiller: Optional[Distiller] = None, desc: str = "",
+                progress: bool = False):
     """One pass of optimizer steps over ``batches`` of ``(audio (B, samples), targets (B,))``.
 
     The front end (augmentation, log-mel) runs without gradients, the model under autocast
     when ``autocast_dtype`` is given, the loss in float32; the scheduler steps per batch.
+    With a ``distiller``, its teachers score the same features and their soft targets join the loss.
 
     Returns:
         ``(mean loss, accuracy, clips seen by this rank)``; loss and accuracy are summed over
@@ -734,7 +793,10 @@ def train_epoch(net, frontend, batches, optimizer, scheduler, scaler, criterion,
                 x = x.contiguous(memory_format=torch.channels_last)
             with amp():
                 logits = net(x)
+                soft = distiller.soft_targets(x) if distiller is not None else None
             loss = criterion(logits.float(), targets)
+            if soft is not None:
+                loss = distiller.mix(loss, logits, soft)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -1,0 +1,98 @@
+"""Knowledge distillation: the loss, the frozen teachers, the checks, and a run with a teacher."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kws_runtime.spec import FeatureSpec
+from kws_train.checkpoint import load_checkpoint, save_checkpoint
+from kws_train.distill import DistillError, Distiller, distillation_loss, load_teachers
+from kws_train.models import build_model
+from kws_train.recipe import TASK_LABELS
+from kws_train.trainer import SCHEDULES, SGD_LR, TrainConfig, TrainError, train
+
+from test_trainer import tiny_config, tiny_data  # noqa: F401  (the fixture)
+
+LABELS = list(TASK_LABELS["12"])
+
+
+def test_loss_is_zero_at_the_teachers_probabilities_and_keeps_its_scale():
+    torch.manual_seed(0)
+    teacher_logits = torch.randn(16, 12)
+    for temperature in (1.0, 4.0):
+        soft = F.softmax(teacher_logits / temperature, dim=1)
+        assert distillation_loss(teacher_logits, soft, temperature).abs() < 1e-6
+    # with the T**2 factor the gradient is T * (p_student - p_teacher) / batch at every temperature
+    student = torch.zeros(16, 12, requires_grad=True)
+    for temperature in (2.0, 8.0):
+        soft = F.softmax(teacher_logits / temperature, dim=1)
+        loss = distillation_loss(student, soft, temperature)
+        (grad,) = torch.autograd.grad(loss, student)
+        expected = (F.softmax(student / temperature, dim=1) - soft) * temperature / 16
+        assert torch.allclose(grad, expected, atol=1e-6)
+    assert distillation_loss(torch.randn(16, 12), F.softmax(teacher_logits, dim=1), 1.0) > 0
+
+
+def test_teachers_stay_frozen_in_eval_mode_and_are_averaged():
+    torch.manual_seed(1)
+    a, b = nn.Sequential(nn.Flatten(), nn.Linear(8, 3), nn.BatchNorm1d(3)), nn.Sequential(nn.Flatten(), nn.Linear(8, 3))
+    distiller = Distiller([a, b], weight=0.25, temperature=2.0)
+    distiller.train()
+    assert not a.training and not any(p.requires_grad for p in distiller.parameters())
+    x = torch.randn(5, 1, 2, 4)
+    mean = (F.softmax(a(x) / 2, dim=1) + F.softmax(b(x) / 2, dim=1)) / 2
+    assert torch.allclose(distiller.soft_targets(x), mean)
+    logits, label_loss = torch.randn(5, 3), torch.tensor(1.5)
+    mixed = distiller.mix(label_loss, logits, mean)
+    assert math.isclose(mixed.item(), 0.75 * 1.5 + 0.25 * distillation_loss(logits, mean, 2.0).item(), rel_tol=1e-6)
+    for bad in (dict(weight=0.0), dict(weight=1.5), dict(temperature=0.0)):
+        with pytest.raises(DistillError):
+            Distiller([a], **{"weight": 0.5, "temperature": 2.0, **bad})
+
+
+def test_a_teacher_of_another_task_or_other_features_is_refused(tmp_path):
+    spec = FeatureSpec.preset("fine")
+    path = save_checkpoint(tmp_path / "t.pt", build_model("bc_resnet_1", 12), architecture="bc_resnet_1",
+                           variant="default", labels=LABELS, spec=spec)
+    assert len(load_teachers([path], LABELS, spec, "cpu")) == 1
+    with pytest.raises(DistillError, match=r"t\.pt: its labels .* are not this run's"):
+        load_teachers([path], LABELS[:-1] + ["other"], spec, "cpu")
+    with pytest.raises(DistillError, match=r"t\.pt: trained on other features \(40x101.*\(40x32"):
+        load_teachers([path], LABELS, FeatureSpec.preset("librosa"), "cpu")
+    with pytest.raises(DistillError, match="no such checkpoint"):
+        load_teachers([tmp_path / "missing.pt"], LABELS, spec, "cpu")
+
+
+def test_a_run_with_a_teacher_stores_it_and_trains_differently(tiny_data, tmp_path):  # noqa: F811
+    teacher = train(tiny_config(tiny_data, tmp_path / "teacher", epochs=2))
+    plain = train(tiny_config(tiny_data, tmp_path / "plain", epochs=1, seed=5))
+    student = train(tiny_config(tiny_data, tmp_path / "student", epochs=1, seed=5, teachers=[str(teacher.best_path)],
+                                distill_weight=1.0, distill_temperature=3.0))
+    stored = load_checkpoint(student.last_path).config
+    assert stored["teachers"] == [str(teacher.best_path)] and stored["distill_weight"] == 1.0
+    # same seed, same batches: only the loss differs, so the weights do
+    a, b = plain.model.state_dict(), student.model.state_dict()
+    assert any(not torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_missing_teacher_fails_before_the_data_is_read(tiny_data, tmp_path):  # noqa: F811
+    with pytest.raises(TrainError, match=r"teacher .*nope\.pt: no such checkpoint file"):
+        train(tiny_config(tiny_data, tmp_path / "run", teachers=[str(tmp_path / "nope.pt")],
+                          cache_dir=str(tmp_path / "cache")))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_each_architecture_has_its_own_schedule_and_explicit_values_win():
+    for architecture, schedule in SCHEDULES.items():
+        config = TrainConfig(data="d", architecture=architecture)
+        assert (config.epochs, config.lr, config.warmup_epochs) == (
+            schedule.epochs, schedule.adamw_lr, schedule.warmup_epochs)
+    assert TrainConfig(data="d", architecture="shufflenet", optimizer="sgd").lr == SGD_LR
+    mine = TrainConfig(data="d", architecture="shufflenet", epochs=3, lr=1e-4, warmup_epochs=0)
+    assert (mine.epochs, mine.lr, mine.warmup_epochs) == (3, 1e-4, 0)
+    assert SCHEDULES["shufflenet_v2_x0_5"].adamw_lr > SCHEDULES["resnet18"].adamw_lr
+    with pytest.raises(ValueError, match="distill_weight"):
+        TrainConfig(data="d", distill_weight=0)
