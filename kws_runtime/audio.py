@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
@@ -11,12 +12,15 @@ import numpy as np
 
 from .files import os_error_reason
 from .spec import FeatureSpec
+from .wav import WavLayout, is_riff_wave, read_pcm16, scan_wav
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg"})
 # Samples beyond this magnitude (24 dB over full scale) are not a loud recording but a broken
 # one: a float WAV of 1e20 would square to infinity in the features and give a confident-looking
 # label from NaN. Ordinary clipping and float files that overshoot a little stay accepted.
 MAX_ABS_SAMPLE = 16.0
+# WAV files up to this size (about 4 minutes of 16 kHz mono) are read in one go and parsed in memory
+_WHOLE_WAV_BYTES = 8 << 20
 _DEFAULT = FeatureSpec()
 
 
@@ -58,24 +62,41 @@ def read_audio(path, sample_rate: int = 16000, max_seconds: float = 30.0) -> np.
         AudioError: missing, unreadable (permissions, a name too long, ...), empty, truncated,
             undecodable, too long, or containing NaN/inf or absurd sample values.
     """
+    path = Path(path)
+    try:
+        size, content = _check_file(path, _WHOLE_WAV_BYTES)
+        layout = None
+        if is_riff_wave(content):
+            with io.BytesIO(content) if len(content) == size else open(path, "rb") as stream:
+                layout = scan_wav(stream, size)
+                if layout is not None and layout.plain_pcm16:
+                    _check_length(path, layout.frames, layout.sample_rate, max_seconds, layout)
+                    # 16-bit samples cannot be NaN or beyond full scale: no check_samples
+                    data, rate = read_pcm16(stream, layout), layout.sample_rate
+    except OSError as exc:
+        raise AudioError(path, os_error_reason(exc)) from None
+    if layout is None or not layout.plain_pcm16:
+        data, rate = _read_libsndfile(path, max_seconds, layout)
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if rate != sample_rate:
+        import soxr
+
+        mono = soxr.resample(mono, rate, sample_rate).astype(np.float32, copy=False)
+    return np.ascontiguousarray(mono)
+
+
+def _read_libsndfile(path: Path, max_seconds: float, layout: Optional[WavLayout]) -> tuple:
+    """``(float32 (frames, channels), rate)`` of any format libsndfile decodes (``layout``: a WAV's)."""
     # Imported on first use: `import kws_runtime` stays light for feature-only callers.
     import soundfile
 
-    path = Path(path)
     try:
-        size, header = _check_file(path)
         info = soundfile.info(str(path))
     except OSError as exc:
         raise AudioError(path, os_error_reason(exc)) from None
     except (soundfile.SoundFileError, RuntimeError) as exc:
         raise AudioError(path, f"not a readable audio file ({_libsndfile_reason(exc)})") from None
-    if info.frames <= 0 or info.samplerate <= 0:
-        raise AudioError(path, "contains no audio samples")
-    seconds = info.frames / info.samplerate
-    if seconds > max_seconds:
-        raise AudioError(path, f"is {seconds:.1f} s long, over the {max_seconds:g} s limit")
-    if info.format == "WAV" and header[:4] == b"RIFF" and header[8:12] == b"WAVE":
-        _check_wav_complete(path, size)
+    _check_length(path, info.frames, info.samplerate, max_seconds, layout)
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except OSError as exc:
@@ -87,17 +108,26 @@ def read_audio(path, sample_rate: int = 16000, max_seconds: float = 30.0) -> np.
     problem = check_samples(data)
     if problem:
         raise AudioError(path, problem)
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if rate != sample_rate:
-        import soxr
-
-        mono = soxr.resample(mono, rate, sample_rate).astype(np.float32, copy=False)
-    return np.ascontiguousarray(mono)
+    return data, rate
 
 
-def _check_file(path: Path) -> tuple:
+def _check_length(path: Path, frames: int, rate: int, max_seconds: float, layout: Optional[WavLayout]) -> None:
+    if frames <= 0 or rate <= 0:
+        raise AudioError(path, "contains no audio samples")
+    seconds = frames / rate
+    if seconds > max_seconds:
+        raise AudioError(path, f"is {seconds:.1f} s long, over the {max_seconds:g} s limit")
+    # libsndfile quietly returns the samples present when a WAV's data chunk is cut short;
+    # a cut recording is a broken recording
+    if layout is not None and layout.truncated:
+        raise AudioError(path, f"is truncated: its data chunk declares {layout.data_declared} bytes but only "
+                         f"{layout.data_available} are present")
+
+
+def _check_file(path: Path, whole_wav_bytes: int = 0) -> tuple:
     """``(size, first 12 bytes)`` of a non-empty regular file we may read, before libsndfile
-    opens it: its errors say "System error." where Python's say "permission denied"."""
+    opens it: its errors say "System error." where Python's say "permission denied". A WAV
+    file of at most ``whole_wav_bytes`` comes whole instead: one read instead of three opens."""
     # stat before open: opening a FIFO would block until something writes to it
     try:
         info = os.stat(path)
@@ -110,7 +140,10 @@ def _check_file(path: Path) -> tuple:
     if info.st_size == 0:
         raise AudioError(path, "file is empty (0 bytes)")
     with open(path, "rb") as stream:
-        return info.st_size, stream.read(12)
+        head = stream.read(12)
+        if is_riff_wave(head) and info.st_size <= whole_wav_bytes:
+            head += stream.read()
+        return info.st_size, head
 
 
 def stream_audio(path, sample_rate: int = 16000, block_seconds: float = 1.0) -> Iterator[np.ndarray]:
@@ -178,32 +211,6 @@ def _libsndfile_reason(exc: Exception) -> str:
     text = str(exc)
     # libsndfile messages read "Error opening 'path': reason"; the path is already in ours.
     return text.split(": ", 1)[1] if ": " in text else text
-
-
-def _check_wav_complete(path: Path, size: int) -> None:
-    # libsndfile quietly returns the samples present when a WAV's data chunk is cut short;
-    # a cut recording is a broken recording, so compare the declared size with the file.
-    try:
-        with open(path, "rb") as f:
-            offset = 12
-            while offset + 8 <= size:
-                f.seek(offset)
-                chunk = f.read(8)
-                if len(chunk) < 8:
-                    break
-                declared = int.from_bytes(chunk[4:8], "little")
-                if chunk[:4] == b"data":
-                    available = size - offset - 8
-                    # 0 and 0xFFFFFFFF are what streaming writers leave when they cannot seek back.
-                    if declared not in (0, 0xFFFFFFFF) and declared > available:
-                        raise AudioError(
-                            path,
-                            f"is truncated: its data chunk declares {declared} bytes but only {available} are present",
-                        )
-                    return
-                offset += 8 + declared + (declared & 1)
-    except OSError as exc:
-        raise AudioError(path, os_error_reason(exc)) from None
 
 
 def is_audio_file(path) -> bool:
