@@ -138,8 +138,18 @@ def power_to_db(mel_power, spec: FeatureSpec = _DEFAULT) -> np.ndarray:
 
 
 def _to_db_inplace(power: np.ndarray, spec: FeatureSpec) -> np.ndarray:
-    axes = tuple(range(1, power.ndim))
-    db = np.log10(np.maximum(power, spec.amin, out=power), out=power)
+    return _log_to_db_inplace(_log_power_inplace(power, spec), spec)
+
+
+def _log_power_inplace(power: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """``log10(max(power, amin))``: the part of the dB scale that depends on each value alone
+    (a stream reuses it for the frames two windows share)."""
+    return np.log10(np.maximum(power, spec.amin, out=power), out=power)
+
+
+def _log_to_db_inplace(db: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """From `_log_power_inplace` of clips ``(clips, ...)`` to dB: the reference and the floor."""
+    axes = tuple(range(1, db.ndim))
     # log10 is monotonic, so the log of each clip's peak is the peak of its logs.
     db -= db.max(axis=axes, keepdims=True) if spec.ref == "max" else np.log10(max(spec.ref, spec.amin))
     db *= 10.0

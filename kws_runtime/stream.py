@@ -118,13 +118,17 @@ class WindowFeatures:
         self._hop_computed = np.r_[0:first, last + 1 : spec.n_frames]
         self._analysis = features.analysis_window(spec)
         self._filterbank_t = np.ascontiguousarray(features.mel_filterbank(spec).T)
-        # constant padding stays zero: each window is copied between the two pads, under a
-        # view of all its frames made once
+        # constant padding stays zero; of each window only the samples under the computed
+        # frames (both ends, a fifth of it) are copied in, under a view of all frames made once
         self._padded = np.zeros(spec.clip_samples + 2 * half) if spec.pad_mode == "constant" else None
         self._frames = None if self._padded is None else _frame_view(self._padded, spec)
+        self._hop_copies = [(max(0, self._starts[run[0]]), min(spec.clip_samples, self._starts[run[-1]] + spec.n_fft))
+                            for run in _runs(self._hop_computed)]
 
     def reset(self) -> None:
-        self._previous: Optional[tuple] = None  # (window start, mel power of its frames)
+        # (window start, log10 of the mel power of its frames): the per-value part of the dB
+        # scale, the same in every window that holds the frame
+        self._previous: Optional[tuple] = None
 
     def __call__(self, window: np.ndarray, window_start: int) -> np.ndarray:
         """float32 ``(n_mels, frames)`` of ``window`` (``clip_samples`` samples that start at
@@ -135,7 +139,7 @@ class WindowFeatures:
             return _to_db(frame_mel_power(padded, spec), spec)
         if self._previous is not None and window_start - self._previous[0] == self.hop:
             return self._one_hop_on(window, window_start)
-        mel = np.empty((spec.n_frames, spec.n_mels))
+        logs = np.empty((spec.n_frames, spec.n_mels), dtype=np.float32)
         # An interior frame t of this window is interior frame t + shift of the previous one;
         # the rest (the edge frames, and the newest frames next to the right edge, one run
         # with it) is computed.
@@ -144,14 +148,14 @@ class WindowFeatures:
             source = np.arange(spec.n_frames) + (window_start - self._previous[0]) // spec.hop_length
             inside = (source >= 0) & (source < spec.n_frames)
             reused[inside] = self._interior[inside] & self._interior[source[inside]]
-            mel[reused] = self._previous[1][source[reused]]
+            logs[reused] = self._previous[1][source[reused]]
         padded = _pad(window, spec)
         half = spec.n_fft // 2
         for run in _runs(np.flatnonzero(~reused)):
             lo, hi = self._starts[run[0]] + half, self._starts[run[-1]] + half + spec.n_fft
-            mel[run[0] : run[-1] + 1] = frame_mel_power(padded[lo:hi], spec)
-        self._previous = (window_start, mel)
-        return _to_db(mel, spec)
+            logs[run[0] : run[-1] + 1] = _log_power(frame_mel_power(padded[lo:hi], spec), spec)
+        self._previous = (window_start, logs)
+        return _log_to_db(logs, spec)
 
     def _one_hop_on(self, window: np.ndarray, window_start: int) -> np.ndarray:
         """The same frames as the general path, for a window one hop on: one gather, one rfft
@@ -159,7 +163,8 @@ class WindowFeatures:
         spec = self.spec
         if self._padded is not None:
             half = spec.n_fft // 2
-            self._padded[half : half + spec.clip_samples] = window
+            for lo, hi in self._hop_copies:
+                self._padded[half + lo : half + hi] = window[lo:hi]
             all_frames = self._frames
         else:
             all_frames = _frame_view(_pad(window, spec), spec)
@@ -170,11 +175,11 @@ class WindowFeatures:
             power = spectrum.real**2 + spectrum.imag**2
         else:
             power = np.abs(spectrum) ** spec.power
-        mel = np.empty((spec.n_frames, spec.n_mels))
-        mel[self._hop_reused] = self._previous[1][self._hop_source]
-        mel[self._hop_computed] = power @ self._filterbank_t
-        self._previous = (window_start, mel)
-        return _to_db(mel, spec)
+        logs = np.empty((spec.n_frames, spec.n_mels), dtype=np.float32)
+        logs[self._hop_reused] = self._previous[1][self._hop_source]
+        logs[self._hop_computed] = _log_power(power @ self._filterbank_t, spec)
+        self._previous = (window_start, logs)
+        return _log_to_db(logs, spec)
 
 
 class Smoother:
@@ -256,8 +261,12 @@ class Detector:
 
     def reset(self) -> None:
         """Forget the stream: the next sample fed is at time 0."""
-        self._window = np.zeros(self.spec.clip_samples, dtype=np.float32)  # the stream starts from silence
-        self._pending: list = []
+        # The latest window is buffer[end - clip : end], the hop in progress follows it; when
+        # a hop no longer fits, the window moves back to the start: one copy of it every
+        # clip / hop hops, instead of one per hop. The stream starts from silence.
+        clip = self.spec.clip_samples
+        self._buffer = np.zeros(2 * clip, dtype=np.float32)
+        self._end = clip
         self._pending_samples = 0
         self._position = 0  # samples of the stream scored so far (the end of the latest window)
         self.smoother.reset()
@@ -276,14 +285,25 @@ class Detector:
         events: List[Event] = []
         start = 0
         while start < len(chunk):
+            if self._pending_samples == 0 and self._end + self.hop > len(self._buffer):
+                clip = self.spec.clip_samples
+                self._buffer[:clip] = self._buffer[self._end - clip : self._end]
+                self._end = clip
             take = min(len(chunk) - start, self.hop - self._pending_samples)
-            self._pending.append(chunk[start : start + take])
+            at = self._end + self._pending_samples
+            self._buffer[at : at + take] = chunk[start : start + take]
             self._pending_samples += take
             start += take
             if self._pending_samples == self.hop:
-                events += self._advance(np.concatenate(self._pending))
-                self._pending, self._pending_samples = [], 0
+                self._pending_samples = 0
+                self._end += self.hop
+                events += self._advance()
         return events
+
+    @property
+    def window(self) -> np.ndarray:
+        """The latest scored window, ``(clip_samples,)`` float32 (a view, valid until the next `feed`)."""
+        return self._buffer[self._end - self.spec.clip_samples : self._end]
 
     def flush(self) -> List[Event]:
         """End of the stream: complete the hop in progress and let the last sound reach the
@@ -302,11 +322,10 @@ class Detector:
 
     # ------------------------------------------------------------------------------ internals
 
-    def _advance(self, hop_samples: np.ndarray) -> List[Event]:
-        self._window = np.concatenate([self._window[self.hop :], hop_samples])
+    def _advance(self) -> List[Event]:
         self._position += self.hop
         window_start = self._position - self.spec.clip_samples
-        probabilities = self.score(self._window, window_start)
+        probabilities = self.score(self.window, window_start)
         now_ms = 1000.0 * self._position / self.spec.sample_rate
         if self.on_scores is not None:
             self.on_scores(now_ms, probabilities)
@@ -326,8 +345,17 @@ def _frame_view(padded: np.ndarray, spec: FeatureSpec) -> np.ndarray:
 
 
 def _to_db(mel_power: np.ndarray, spec: FeatureSpec) -> np.ndarray:
-    # as log_mel does it: float32 before the logarithm, dB per window, (n_mels, frames)
-    return np.ascontiguousarray(features._to_db_inplace(mel_power.astype(np.float32)[None], spec)[0].T)
+    return _log_to_db(_log_power(mel_power, spec), spec)
+
+
+def _log_power(mel_power: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    # as log_mel does it: float32 before the logarithm
+    return features._log_power_inplace(mel_power.astype(np.float32), spec)
+
+
+def _log_to_db(logs: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """dB per window, ``(n_mels, frames)``, from `_log_power` of its frames (left unchanged)."""
+    return np.ascontiguousarray(features._log_to_db_inplace(logs[None].copy(), spec)[0].T)
 
 
 def _runs(indices: Iterable[int]) -> list:

@@ -62,7 +62,7 @@ def test_the_detector_sees_log_mel_of_its_window_whatever_the_chunks(tmp_path):
     one_by_one = scores(1, 20000)
     assert np.array_equal(one_by_one, whole[: len(one_by_one)])
     # the model's input is log_mel of the latest window: the same as classifying that clip
-    np.testing.assert_allclose(one_by_one[-1], detector.predictor.probabilities(detector._window[None])[0], atol=1e-5)
+    np.testing.assert_allclose(one_by_one[-1], detector.predictor.probabilities(detector.window[None])[0], atol=1e-5)
     notes = Detector(path, DetectorConfig(hop_ms=100.0)).notes
     assert notes and "not a multiple of the feature hop" in notes[0]
 
