@@ -91,6 +91,17 @@ class Artifact:
         _verify_file(self)
         return self.path
 
+    def read(self) -> bytes:
+        """The file's bytes, checked against the manifest's size and sha256: the bytes returned
+        are the bytes checked, whatever happens to the file afterwards."""
+        try:
+            _check_location(self)
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise _unreadable(self, exc) from None
+        _check_content(self, len(data), hashlib.sha256(data).hexdigest())
+        return data
+
 
 @dataclasses.dataclass(frozen=True)
 class Bundle:
@@ -388,8 +399,12 @@ def _verify_file(artifact: Artifact) -> None:
             _check_content(artifact, size, None)
         digest = file_sha256(path)
     except OSError as exc:
-        raise BundleError(f"{path}: cannot be read: {os_error_reason(exc)} ({artifact.name}); copy the bundle again") from None
+        raise _unreadable(artifact, exc) from None
     _check_content(artifact, size, digest)
+
+
+def _unreadable(artifact: Artifact, exc: OSError) -> BundleError:
+    return BundleError(f"{artifact.path}: cannot be read: {os_error_reason(exc)} ({artifact.name}); copy the bundle again")
 
 
 def _check_content(artifact: Artifact, size: int, digest: Optional[str]) -> None:

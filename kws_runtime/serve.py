@@ -110,7 +110,9 @@ def page_config(bundle: Bundle, artifact: Artifact, config: DetectorConfig) -> d
 class PageServer(http.server.ThreadingHTTPServer):
     """Serves the page, onnxruntime-web's files, the model and ``config.json``; nothing else.
 
-    Every URL maps to a file chosen when the server starts, so no request can name a path.
+    Every file is read when the server starts (the model checked against the manifest's
+    sha256 as read) and served from memory: no request can name a path, and what the page
+    gets is what was checked.
     """
 
     daemon_threads = True
@@ -119,14 +121,17 @@ class PageServer(http.server.ThreadingHTTPServer):
                  artifact: Optional[str] = None, ort_dir=None):
         ort = find_ort_web(ort_dir)
         self.artifact = choose_e2e(bundle, artifact)
-        model = self.artifact.verify()
-        self.routes = {url: PAGE_DIR / name for url, name in PAGE_FILES.items()}
-        self.routes.update({f"/ort/{name}": ort / name for name in ORT_FILES})
-        self.routes["/model.onnx"] = model
-        self.config_json = json.dumps(page_config(bundle, self.artifact, config), indent=1).encode()
-        missing = [str(p) for p in self.routes.values() if not p.is_file()]
+        files = {url: PAGE_DIR / name for url, name in PAGE_FILES.items()}
+        files.update({f"/ort/{name}": ort / name for name in ORT_FILES})
+        missing = [str(p) for p in files.values() if not p.is_file()]
         if missing:
             raise ServeError(f"the page's files are missing ({', '.join(missing)}): reinstall kws-toolkit")
+        # {url: (body, content type)}
+        self.files = {url: (path.read_bytes(), _TYPES.get(path.suffix, "application/octet-stream"))
+                      for url, path in files.items()}
+        self.files["/model.onnx"] = (self.artifact.read(), _TYPES[".onnx"])
+        config_json = json.dumps(page_config(bundle, self.artifact, config), indent=1).encode()
+        self.files["/config.json"] = (config_json, _TYPES[".json"])
         super().__init__((host, port), _Handler)
 
     @property
@@ -151,15 +156,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._reply(send_body=False)
 
     def _reply(self, send_body: bool) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/config.json":
-            body, kind = self.server.config_json, _TYPES[".json"]
-        elif path in self.server.routes:
-            file = self.server.routes[path]
-            body, kind = file.read_bytes(), _TYPES.get(file.suffix, "application/octet-stream")
-        else:
+        found = self.server.files.get(self.path.split("?", 1)[0])
+        if found is None:
             self.send_error(404, "not part of the page")
             return
+        body, kind = found
         self.send_response(200)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))

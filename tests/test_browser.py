@@ -5,6 +5,7 @@ and finds what ``kws stream`` finds in the same recording."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -15,8 +16,9 @@ import numpy as np
 import pytest
 
 import browser
-from kws_runtime import load_bundle
-from kws_runtime.serve import PAGE_FILES, ServeError, choose_e2e
+from kws_runtime import BundleError, load_bundle
+from kws_runtime.serve import PAGE_FILES, PageServer, ServeError, choose_e2e
+from kws_runtime.stream import DetectorConfig
 from kws_runtime.stream_eval import build_stream, write_stream
 
 BUNDLE = Path(__file__).resolve().parents[1] / "pretrained" / "shufflenet-v2-0.5x"
@@ -211,6 +213,27 @@ def test_server_serves_the_page_its_config_and_nothing_else(url):
         assert fetch(url + path.lstrip("/"))[0] == 200, path
     for path in ("../manifest.json", "manifest.json", "ort/ort.all.min.mjs", "%2e%2e/%2e%2e/etc/passwd", "ort/"):
         assert fetch(url + path)[0] == 404, path
+
+
+def test_server_serves_what_it_checked_at_start_up(tmp_path):
+    missing = browser.ort_web_missing()
+    if missing:
+        pytest.skip(missing)
+    copy = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, copy)
+    model = copy / "model.e2e.int8.onnx"
+    served = model.read_bytes()
+    server = PageServer(load_bundle(copy), DetectorConfig(), port=0)
+    server.start()
+    try:
+        model.write_bytes(b"changed after start-up")  # a later change never reaches the page
+        assert fetch(server.url + "model.onnx")[2] == served
+    finally:
+        server.shutdown()
+        server.server_close()
+    bundle = load_bundle(copy, verify=False)
+    with pytest.raises(BundleError, match=r"model\.e2e\.int8\.onnx: is 22 bytes but the manifest says"):
+        PageServer(bundle, DetectorConfig(), port=0)
 
 
 def test_server_passes_the_detector_options_on(url):

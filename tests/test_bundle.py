@@ -83,6 +83,20 @@ def test_tampered_artifact_is_refused_with_the_file_named(tmp_path):
     load_bundle(path, verify=False)  # structure alone is still fine
 
 
+def test_read_returns_the_bytes_it_checked(tmp_path):
+    path, _ = build_bundle(tmp_path / "b", int8=True)
+    artifact = load_bundle(path).artifacts["onnx_int8"]
+    assert artifact.read() == (path / "model.int8.onnx").read_bytes()
+    data = bytearray(artifact.read())
+    data[-1] ^= 0x01
+    (path / "model.int8.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.int8\.onnx: sha256 .* \(onnx_int8\)"):
+        artifact.read()
+    (path / "model.int8.onnx").unlink()
+    with pytest.raises(BundleError, match=r"model\.int8\.onnx: missing \(onnx_int8 in the manifest\)"):
+        artifact.read()
+
+
 def test_truncated_artifact_is_refused_by_size(tmp_path):
     path, _ = build_bundle(tmp_path / "b")
     data = (path / "model.onnx").read_bytes()
