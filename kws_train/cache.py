@@ -97,7 +97,7 @@ def _examples_and_labels(data, labels) -> Tuple[list, tuple]:
 def fingerprint(examples: Sequence[Example], spec: FeatureSpec, labels: Sequence[str]) -> str:
     """SHA-256 (hex) of the example list, the label order, and the spec's rate and clip length.
 
-    Each example contributes its path, file size and mtime (ns), label, start and gain.
+    Each example contributes its path, file size and mtime (ns), label, start, gain and offset.
 
     Raises:
         CacheError: an example's file is missing.
@@ -110,7 +110,9 @@ def fingerprint(examples: Sequence[Example], spec: FeatureSpec, labels: Sequence
             st = os.stat(e.path)
         except OSError as exc:
             raise CacheError(f"{e.path}: cannot read ({exc.strerror}); re-index the dataset") from None
-        h.update(f"\n{os.fspath(e.path)}\t{st.st_size}\t{st.st_mtime_ns}\t{e.label}\t{e.start}\t{float(e.gain)!r}".encode())
+        line = f"\n{os.fspath(e.path)}\t{st.st_size}\t{st.st_mtime_ns}\t{e.label}\t{e.start}\t{float(e.gain)!r}"
+        # an offset joined the example later: caches of examples without one keep their key
+        h.update((line + (f"\t{e.offset}" if e.offset else "")).encode())
     return h.hexdigest()
 
 

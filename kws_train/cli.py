@@ -80,6 +80,10 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--unknown-share", type=float, default=default["unknown_share"].default, metavar="F",
                    help="12-class task: other-word clips drawn as _unknown_, as a fraction of the command clips "
                    f"(default {default['unknown_share'].default:g}; 1 takes every other-word clip of a folder this size)")
+    p.add_argument("--partial-share", type=float, default=default["partial_share"].default, metavar="F",
+                   help="12-class task: command clips moved so only a fragment of the word stays, added to training "
+                   "as _unknown_, as a fraction of the command clips (default "
+                   f"{default['partial_share'].default:g}; trains for windows that slide over words)")
     p.add_argument("--no-augment", action="store_true", help="no time shift, noise, gain or SpecAugment")
     p.add_argument("--shift-ms", type=float, metavar="MS",
                    help="largest random time shift either way, in ms (default "
@@ -193,6 +197,7 @@ def _run_train(args) -> int:
         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
         balance=args.balance, augment=not args.no_augment,
         augment_config={} if args.shift_ms is None else {"shift_ms": args.shift_ms}, unknown_share=args.unknown_share,
+        partial_share=args.partial_share,
         split=args.split, split_salt=args.salt,
         validation_fraction=args.val_fraction, testing_fraction=args.test_fraction, extra_train=args.extra_train,
         teachers=args.teacher, distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,

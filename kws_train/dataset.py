@@ -32,6 +32,9 @@ SPLITS = ("training", "validation", "testing")
 # the three splits draw differently and each split draws the same way every time.
 SPLIT_SEED_OFFSET = {"training": 0, "validation": 1, "testing": 2}
 COMMANDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+# How far a partial-word example moves its clip (either way), in ms: Speech Commands words
+# last 0.4-0.8 s around the clip's middle, so a fragment of a quarter to a half stays inside.
+PARTIAL_OFFSET_MS = (450, 700)
 LABELS_12 = [SILENCE, UNKNOWN, *COMMANDS]
 # v0.01 words, then the five v0.02 added.
 LABELS_35 = [
@@ -76,6 +79,8 @@ class Example:
 
     ``start`` (samples) and ``gain`` matter for silence examples, which point at a long
     background-noise recording: the input is ``gain * noise[start:start + clip_samples]``.
+    ``offset`` (samples) moves a word clip later (earlier when negative), zero-filled, so the
+    window holds only part of its word (`build_task`'s ``partial_share``).
     """
 
     path: Path
@@ -83,6 +88,7 @@ class Example:
     speaker: str
     start: int = 0
     gain: float = 1.0
+    offset: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +245,7 @@ def build_task(
     unknown_share: float = 0.1,
     seed: int = 0,
     spec: FeatureSpec = FeatureSpec(),
+    partial_share: float = 0.0,
 ) -> TaskSplit:
     """The examples of one split of a standard task.
 
@@ -247,6 +254,9 @@ def build_task(
     silence examples are cut from ``root``'s background noise at a random start and a gain
     uniform in [0, 1) -- as TensorFlow's recipe does. Clips already labelled ``_unknown_`` /
     ``_silence_`` (the test archive) are kept as they are and nothing is drawn for that label.
+    ``partial_share`` command clips are drawn again, moved by `PARTIAL_OFFSET_MS` either way
+    so only a fragment of the word stays in the window, as ``_unknown_``: what a stream's
+    window sees as a word slides in or out, which should not fire.
     35-class: every clip of the 35 words, nothing added.
 
     Args:
@@ -254,19 +264,20 @@ def build_task(
         task: ``"12"`` or ``"35"``.
         split: which split's clips to use.
         root: folder with ``_background_noise_/`` (needed only when silence is drawn).
-        silence_share, unknown_share: fractions of the command-word count.
+        silence_share, unknown_share, partial_share: fractions of the command-word count.
         seed: drives every random choice; same inputs and seed -> same examples.
         spec: sample rate and clip length used to place silence windows.
 
     Returns:
-        A `TaskSplit`: targets in clip order, then unknown, then silence examples.
+        A `TaskSplit`: targets in clip order, then unknown, then silence, then partial-word examples.
     """
     task = str(task)
     if task not in TASKS:
         raise DatasetError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    for name, value in (("silence_share", silence_share), ("unknown_share", unknown_share)):
+    for name, value in (("silence_share", silence_share), ("unknown_share", unknown_share),
+                        ("partial_share", partial_share)):
         if not (value >= 0 and math.isfinite(value)):
             raise DatasetError(f"{name} must be a finite number >= 0, got {value}")
     chosen = [c for c in clips if c.split == split]
@@ -291,7 +302,17 @@ def build_task(
     n_silence = math.ceil(len(targets) * silence_share)
     if not given_silence and n_silence:
         silence = _silence_examples(root, n_silence, rng, spec)
-    return TaskSplit(list(LABELS_12), targets + unknown + silence)
+    return TaskSplit(list(LABELS_12), targets + unknown + silence + _partial_examples(targets, partial_share, rng, spec))
+
+
+def _partial_examples(targets: list, share: float, rng: np.random.Generator, spec: FeatureSpec) -> list:
+    n = min(len(targets), math.ceil(len(targets) * share))
+    if not n:
+        return []
+    picks = sorted(rng.choice(len(targets), size=n, replace=False))
+    low, high = (ms * spec.sample_rate // 1000 for ms in PARTIAL_OFFSET_MS)
+    offsets = rng.integers(low, high + 1, size=n) * rng.choice([-1, 1], size=n)
+    return [dataclasses.replace(targets[i], label=UNKNOWN, offset=int(o)) for i, o in zip(picks, offsets)]
 
 
 def _example(clip: Clip, label: str) -> Example:
@@ -322,6 +343,8 @@ def load_example(example: Example, spec: FeatureSpec = FeatureSpec()) -> np.ndar
     """The waveform of an example: float32 ``(spec.clip_samples,)`` at ``spec.sample_rate``."""
     if example.label != SILENCE:
         audio = load_audio(example.path, spec)
+        if example.offset:
+            audio = _moved(audio, example.offset)
     else:
         # Noise recordings are long and read for every silence example: keep them decoded.
         if example.start or Path(example.path).parent.name == BACKGROUND_NOISE:
@@ -337,6 +360,17 @@ def load_example(example: Example, spec: FeatureSpec = FeatureSpec()) -> np.ndar
         audio = audio * np.float32(example.gain)
     # Always a fresh, writable array: the noise cache must not be changed through it.
     return np.array(audio, dtype=np.float32)
+
+
+def _moved(audio: np.ndarray, offset: int) -> np.ndarray:
+    out = np.zeros_like(audio)
+    if abs(offset) >= len(audio):
+        return out
+    if offset > 0:
+        out[offset:] = audio[: len(audio) - offset]
+    else:
+        out[: len(audio) + offset] = audio[-offset:]
+    return out
 
 
 def describe_dataset(root, progress: bool = False, max_seconds: float = 1.0) -> dict:

@@ -82,6 +82,8 @@ class RunRecipe:
         seed: the run's seed; each split draws its examples with ``seed + SPLIT_SEED_OFFSET``.
         extra_training: more dataset folders whose every clip joins the training split only
             (synthetic speech); validation and testing stay on the run's own folder.
+        partial_share: 12-class task, training split only: command clips drawn again, moved
+            so a fragment of the word stays, as ``_unknown_``, per command-word clip.
     """
 
     spec: FeatureSpec = FeatureSpec()
@@ -91,11 +93,12 @@ class RunRecipe:
     unknown_share: float = 0.1
     seed: int = 0
     extra_training: tuple = ()
+    partial_share: float = 0.0
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise RecipeError(f"task {self.task!r}: choose one of {', '.join(TASKS)}")
-        for name in ("silence_share", "unknown_share"):
+        for name in ("silence_share", "unknown_share", "partial_share"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
                 raise RecipeError(f"{name}={value!r}: must be a fraction >= 0")
@@ -129,7 +132,9 @@ class RunRecipe:
             for extra in self.extra_training:
                 clips = clips + [dataclasses.replace(c, split="training") for c in index_dataset(extra)]
         return build_task(clips, self.task, split, root=root, silence_share=self.silence_share,
-                          unknown_share=self.unknown_share, seed=self.seed + SPLIT_SEED_OFFSET[split], spec=self.spec)
+                          unknown_share=self.unknown_share, seed=self.seed + SPLIT_SEED_OFFSET[split], spec=self.spec,
+                          # validation and test examples stay comparable across runs
+                          partial_share=self.partial_share if split == "training" else 0.0)
 
     def describe_split(self) -> str:
         """The split rule in words, for messages."""
@@ -147,6 +152,7 @@ class RunRecipe:
             "split": dataclasses.asdict(self.split),
             "silence_share": self.silence_share,
             "unknown_share": self.unknown_share,
+            "partial_share": self.partial_share,
             "seed": self.seed,
             "extra_training": list(self.extra_training),
         }

@@ -127,7 +127,7 @@ class TrainConfig:
             by speaker with ``split_salt`` and the two fractions).
         extra_train: more dataset roots whose clips all join the training split (e.g.
             synthetic speech from ``kws-data synth``); validation and test stay on ``data``.
-        silence_share, unknown_share: 12-class task composition, fractions (`build_task`).
+        silence_share, unknown_share, partial_share: 12-class task composition, fractions (`build_task`).
         teachers: checkpoints of trained models (same labels and features) to distil from
             (`kws_train.distill`); several form an ensemble. Empty: no distillation.
         distill_weight: share of the distillation term in the loss, in (0, 1].
@@ -176,6 +176,7 @@ class TrainConfig:
     extra_train: List[str] = dataclasses.field(default_factory=list)
     silence_share: float = default_of(RunRecipe, "silence_share")
     unknown_share: float = default_of(RunRecipe, "unknown_share")
+    partial_share: float = default_of(RunRecipe, "partial_share")
     teachers: List[str] = dataclasses.field(default_factory=list)
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
@@ -267,7 +268,8 @@ class TrainConfig:
         split = SplitRule(self.split, self.split_salt if self.split == "speaker" else "", self.validation_fraction,
                           self.testing_fraction)
         return RunRecipe(spec=self.spec, task=self.task, split=split, silence_share=self.silence_share,
-                         unknown_share=self.unknown_share, seed=self.seed, extra_training=tuple(self.extra_train))
+                         unknown_share=self.unknown_share, partial_share=self.partial_share, seed=self.seed,
+                         extra_training=tuple(self.extra_train))
 
     def to_dict(self) -> dict:
         """JSON-safe dict (what checkpoints store)."""

@@ -74,6 +74,7 @@ def test_reused_until_the_data_change(tmp_path):
     assert fingerprint(examples[:-1], SPEC, LABELS) != base
     assert fingerprint([dataclasses.replace(examples[0], gain=0.5)] + examples[1:], SPEC, LABELS) != base
     assert fingerprint([dataclasses.replace(examples[0], label="no")] + examples[1:], SPEC, LABELS) != base
+    assert fingerprint([dataclasses.replace(examples[0], offset=160)] + examples[1:], SPEC, LABELS) != base
 
     # re-record one clip: new content, new mtime -> a new cache with the new audio
     soundfile.write(examples[3].path, np.full(16000, 999, dtype=np.int16), 16000, subtype="PCM_16")

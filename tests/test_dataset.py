@@ -221,6 +221,36 @@ def test_a_recipe_composes_a_run_split_by_split(real_data, tmp_path):
         recipe.task_split(real_data, "train")
 
 
+def test_partial_word_examples_are_moved_command_clips_labelled_unknown(real_data, resplit):
+    plain = ds.build_task(resplit, "12", "training", root=real_data, seed=3)
+    task = ds.build_task(resplit, "12", "training", root=real_data, seed=3, partial_share=0.25)
+    assert task.examples[: len(plain.examples)] == plain.examples  # the other draws do not move
+    partial = task.examples[len(plain.examples):]
+    n_targets = sum(1 for e in plain.examples if e.label in ds.COMMANDS)
+    assert len(partial) == math.ceil(0.25 * n_targets)
+    assert len({e.path for e in partial}) == len(partial)
+    low, high = (ms * 16 for ms in ds.PARTIAL_OFFSET_MS)
+    for e in partial:
+        assert e.label == ds.UNKNOWN and e.path.parent.name in ds.COMMANDS and low <= abs(e.offset) <= high
+    assert {e.offset > 0 for e in partial} == {True, False}  # words slide in and out
+    example = partial[0]
+    whole = ds.load_example(dataclasses.replace(example, offset=0))
+    moved = ds.load_example(example)
+    if example.offset > 0:
+        assert np.array_equal(moved[example.offset:], whole[: -example.offset]) and not moved[: example.offset].any()
+    else:
+        assert np.array_equal(moved[: example.offset], whole[-example.offset:]) and not moved[example.offset:].any()
+
+
+def test_partial_words_join_the_training_split_only(real_data):
+    recipe = RunRecipe(split=SplitRule("speaker", "tasks", 0.1, 0.1), seed=5)
+    partial = dataclasses.replace(recipe, partial_share=0.1)
+    assert RunRecipe.from_dict(partial.to_dict()) == partial
+    for split in ds.SPLITS:
+        added = len(partial.task_split(real_data, split).examples) - len(recipe.task_split(real_data, split).examples)
+        assert (added > 0) == (split == "training"), split
+
+
 def test_given_silence_clips_are_kept_and_none_drawn(real_data, real_clips):
     clips = ds.split_by_speaker(real_clips, 0.1, 0.1, salt="tasks")
     task = ds.build_task(clips, "12", "training", root=real_data, silence_share=0.5)
