@@ -292,6 +292,7 @@ class ResumeState:
         optimizer, scheduler, scaler: their ``state_dict()`` (the scheduler's lambda is rebuilt
             from the config, so it is stored as None).
         rng: `capture_rng_state` output.
+        average: the weight average's ``state_dict()`` when the run keeps one (else empty).
     """
 
     epoch: int
@@ -302,13 +303,15 @@ class ResumeState:
     scheduler: dict
     scaler: dict
     rng: dict
+    average: dict = dataclasses.field(default_factory=dict)
 
     def to_extra(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_extra(cls, extra: dict, path) -> "ResumeState":
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in extra]
+        # runs written before weight averaging existed have no "average": they kept none
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in extra and f.name != "average"]
         if "optimizer" in missing or "epoch" in missing:
             raise CheckpointError(f"{path}: holds no training state to resume from (use last.pt of a run)")
         if missing:
@@ -316,7 +319,7 @@ class ResumeState:
         return cls(
             epoch=int(extra["epoch"]), best_val_accuracy=float(extra["best_val_accuracy"]),
             best_epoch=int(extra["best_epoch"]), history=list(extra["history"]), optimizer=extra["optimizer"],
-            scheduler=extra["scheduler"], scaler=extra["scaler"], rng=extra["rng"],
+            scheduler=extra["scheduler"], scaler=extra["scaler"], rng=extra["rng"], average=extra.get("average") or {},
         )
 
 

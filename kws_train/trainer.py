@@ -39,6 +39,7 @@ from kws_runtime.spec import FeatureSpec, canonical_preset
 
 from . import plots
 from .augment import AugmentConfig, build_frontend
+from .averaging import WeightAverage, decay_for
 from .cache import BatchLoader, CachedSplit, build_cache
 from .checkpoint import CheckpointError, ResumeState, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .dataset import SPLITS, TASKS, background_noise, index_dataset
@@ -132,6 +133,9 @@ class TrainConfig:
             (`kws_train.distill`); several form an ensemble. Empty: no distillation.
         distill_weight: share of the distillation term in the loss, in (0, 1].
         distill_temperature: softmax temperature of the distillation term.
+        average_epochs: time constant, in epochs, of a moving average of the weights
+            (`kws_train.averaging`); validation, best.pt and the test figures then use the
+            averaged weights. None: no average.
         device: ``"auto"``, ``"cuda"`` or ``"cpu"``.
         amp: ``"auto"`` (bf16 on GPUs that have it, else fp16 with a gradient scaler; off on
             CPUs), ``"off"``, ``"bf16"`` or ``"fp16"`` (GPU only).
@@ -180,6 +184,7 @@ class TrainConfig:
     teachers: List[str] = dataclasses.field(default_factory=list)
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
+    average_epochs: Optional[float] = None
     device: str = "auto"
     amp: str = "auto"
     channels_last: Optional[bool] = None
@@ -246,6 +251,8 @@ class TrainConfig:
             bad("distill_weight", "must be in (0, 1]")
         if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
             bad("distill_temperature", "must be a positive number")
+        if self.average_epochs is not None and not (self.average_epochs > 0 and math.isfinite(self.average_epochs)):
+            bad("average_epochs", "must be a positive number of epochs or None")
         if self.balance not in BALANCING:
             bad("balance", f"choose one of {', '.join(BALANCING)}")
         try:
@@ -546,6 +553,12 @@ class _Parts:
     autocast_dtype: Optional[torch.dtype]
     channels_last: bool
     distiller: Optional[Distiller]
+    average: Optional[WeightAverage]
+
+    @property
+    def scored(self) -> nn.Module:
+        """The model validation scores and best.pt holds: the weight average when there is one."""
+        return self.average.module if self.average is not None else self.model
 
 
 def _build(config: TrainConfig, ctx: DistContext, data: _RunData) -> _Parts:
@@ -582,12 +595,15 @@ def _build(config: TrainConfig, ctx: DistContext, data: _RunData) -> _Parts:
         distiller = Distiller(teachers, config.distill_weight, config.distill_temperature)
         _log(ctx, config, f"distilling from {', '.join(config.teachers)} "
              f"(weight {config.distill_weight:g}, temperature {config.distill_temperature:g})")
+    average = None
+    if config.average_epochs is not None:
+        average = WeightAverage(model, decay_for(config.average_epochs, steps_per_epoch))
     return _Parts(
         model=model, net=net, frontend=frontend, eval_frontend=build_frontend(spec, None).to(device), augment=augment,
         optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
         criterion=nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing),
-        autocast_dtype=autocast_dtype, channels_last=channels_last, distiller=distiller,
+        autocast_dtype=autocast_dtype, channels_last=channels_last, distiller=distiller, average=average,
     )
 
 
@@ -631,6 +647,8 @@ class _Progress:
         parts.scheduler.load_state_dict(state.scheduler)
         if state.scaler:
             parts.scaler.load_state_dict(state.scaler)
+        if parts.average is not None and state.average:
+            parts.average.load_state_dict(state.average)
         restore_rng_state(state.rng)
         _log(ctx, config, f"resuming {path} after epoch {state.epoch} "
              f"(best {100 * state.best_val_accuracy:.2f}% at epoch {state.best_epoch})")
@@ -641,13 +659,15 @@ class _Progress:
             epoch=self.epoch, best_val_accuracy=self.best_val_accuracy, best_epoch=self.best_epoch,
             history=self.history, optimizer=parts.optimizer.state_dict(), scheduler=_scheduler_state(parts.scheduler),
             scaler=parts.scaler.state_dict() if parts.scaler.is_enabled() else {}, rng=capture_rng_state(),
+            average=parts.average.state_dict() if parts.average is not None else {},
         )
 
 
-def _save(config: TrainConfig, data: _RunData, parts: _Parts, progress: _Progress, path: Path) -> None:
+def _save(config: TrainConfig, data: _RunData, parts: _Parts, progress: _Progress, path: Path,
+          model: nn.Module) -> None:
     config_dict = {**config.to_dict(), "recipe": config.recipe.to_dict(),
                    "augment_resolved": parts.augment.to_dict() if parts.augment else None}
-    save_checkpoint(path, parts.model, architecture=config.architecture, variant=config.variant, labels=data.labels,
+    save_checkpoint(path, model, architecture=config.architecture, variant=config.variant, labels=data.labels,
                     spec=config.spec, config=config_dict, extra=progress.resume_state(parts).to_extra())
 
 
@@ -665,14 +685,14 @@ def _fit(config: TrainConfig, ctx: DistContext, data: _RunData, parts: _Parts, p
         train_loss, train_acc, seen = train_epoch(
             parts.net, parts.frontend, data.loader, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion,
             device=ctx.device, autocast_dtype=parts.autocast_dtype, channels_last=parts.channels_last,
-            distiller=parts.distiller, desc=f"epoch {epoch}/{config.epochs}", progress=show,
+            distiller=parts.distiller, average=parts.average, desc=f"epoch {epoch}/{config.epochs}", progress=show,
         )
         samples_per_s = seen * ctx.world_size / max(time.perf_counter() - tick, 1e-9)
         progress.throughput.append(samples_per_s)
         if ctx.distributed:
             broadcast_buffers(parts.model)
         validation = evaluate_model(
-            parts.model, parts.eval_frontend, data.val.waveforms, data.val.targets, data.labels,
+            parts.scored, parts.eval_frontend, data.val.waveforms, data.val.targets, data.labels,
             batch_size=config.eval_batch_size, device=ctx.device, autocast_dtype=parts.autocast_dtype,
             channels_last=parts.channels_last, rank=ctx.rank, world_size=ctx.world_size,
         )
@@ -689,8 +709,9 @@ def _fit(config: TrainConfig, ctx: DistContext, data: _RunData, parts: _Parts, p
         progress.history.append(row)
         if ctx.is_main:
             if improved:
-                _save(config, data, parts, progress, out / "best.pt")
-            _save(config, data, parts, progress, out / "last.pt")
+                _save(config, data, parts, progress, out / "best.pt", parts.scored)
+            # last.pt holds the trained weights (the average, if any, is in its state)
+            _save(config, data, parts, progress, out / "last.pt", parts.model)
             write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
             plots.plot_training_curves(progress.history, out / "curves.png")
         _log(ctx, config, f"epoch {epoch}/{config.epochs}  train loss {train_loss:.4f} acc {100 * train_acc:.2f}%  "
@@ -764,13 +785,14 @@ def _scheduler_state(scheduler) -> dict:
 
 
 def train_epoch(net, frontend, batches, optimizer, scheduler, scaler, criterion, *, device, autocast_dtype=None,
-                channels_last: bool = False, distiller: Optional[Distiller] = None, desc: str = "",
-                progress: bool = False):
+                channels_last: bool = False, distiller: Optional[Distiller] = None,
+                average: Optional[WeightAverage] = None, desc: str = "", progress: bool = False):
     """One pass of optimizer steps over ``batches`` of ``(audio (B, samples), targets (B,))``.
 
     The front end (augmentation, log-mel) runs without gradients, the model under autocast
     when ``autocast_dtype`` is given, the loss in float32; the scheduler steps per batch.
-    With a ``distiller``, its teachers score the same features and their soft targets join the loss.
+    With a ``distiller``, its teachers score the same features and their soft targets join the loss;
+    an ``average`` is updated after every step.
 
     Returns:
         ``(mean loss, accuracy, clips seen by this rank)``; loss and accuracy are summed over
@@ -804,6 +826,8 @@ def train_epoch(net, frontend, batches, optimizer, scheduler, scaler, criterion,
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if average is not None:
+                average.update()
             n = targets.shape[0]
             seen += n
             loss_sum += loss.detach().double() * n

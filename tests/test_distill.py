@@ -12,7 +12,7 @@ from kws_train.checkpoint import load_checkpoint, save_checkpoint
 from kws_train.distill import DistillError, Distiller, distillation_loss, load_teachers
 from kws_train.models import build_model
 from kws_train.recipe import TASK_LABELS
-from kws_train.trainer import SCHEDULES, SGD_LR, TrainConfig, TrainError, train
+from kws_train.trainer import TrainError, train
 
 from test_trainer import tiny_config, tiny_data  # noqa: F401  (the fixture)
 
@@ -83,16 +83,3 @@ def test_a_missing_teacher_fails_before_the_data_is_read(tiny_data, tmp_path):  
         train(tiny_config(tiny_data, tmp_path / "run", teachers=[str(tmp_path / "nope.pt")],
                           cache_dir=str(tmp_path / "cache")))
     assert not (tmp_path / "cache").exists()
-
-
-def test_each_architecture_has_its_own_schedule_and_explicit_values_win():
-    for architecture, schedule in SCHEDULES.items():
-        config = TrainConfig(data="d", architecture=architecture)
-        assert (config.epochs, config.lr, config.warmup_epochs) == (
-            schedule.epochs, schedule.adamw_lr, schedule.warmup_epochs)
-    assert TrainConfig(data="d", architecture="shufflenet", optimizer="sgd").lr == SGD_LR
-    mine = TrainConfig(data="d", architecture="shufflenet", epochs=3, lr=1e-4, warmup_epochs=0)
-    assert (mine.epochs, mine.lr, mine.warmup_epochs) == (3, 1e-4, 0)
-    assert SCHEDULES["shufflenet_v2_x0_5"].adamw_lr > SCHEDULES["resnet18"].adamw_lr
-    with pytest.raises(ValueError, match="distill_weight"):
-        TrainConfig(data="d", distill_weight=0)

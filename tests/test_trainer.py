@@ -18,7 +18,9 @@ from kws_runtime.files import WriteError, current_umask
 from kws_train.checkpoint import load_checkpoint
 from kws_train.dataset import LABELS_12
 from kws_train.evaluate import EvalResult, confusion_matrix, evaluate_checkpoint, format_report, predict_files
-from kws_train.trainer import TrainConfig, TrainError, _class_weights, default_weights_path, train, warmup_cosine
+from kws_train.trainer import (
+    SCHEDULES, SGD_LR, TrainConfig, TrainError, _class_weights, default_weights_path, train, warmup_cosine,
+)
 
 from filesystems import small_disk
 from tiny_dataset import SALT, make_tiny_dataset
@@ -196,3 +198,16 @@ def test_default_weights_path(monkeypatch, tmp_path):
     monkeypatch.setenv("KWS_WEIGHTS_DIR", str(tmp_path))
     assert default_weights_path("shufflenet") == tmp_path / "shufflenet_v2_x0_5.pt"
     assert default_weights_path("resnet", "w") == Path("w") / "resnet18.pt"
+
+
+def test_each_architecture_has_its_own_schedule_and_explicit_values_win():
+    for architecture, schedule in SCHEDULES.items():
+        config = TrainConfig(data="d", architecture=architecture)
+        assert (config.epochs, config.lr, config.warmup_epochs) == (
+            schedule.epochs, schedule.adamw_lr, schedule.warmup_epochs)
+    assert TrainConfig(data="d", architecture="shufflenet", optimizer="sgd").lr == SGD_LR
+    mine = TrainConfig(data="d", architecture="shufflenet", epochs=3, lr=1e-4, warmup_epochs=0)
+    assert (mine.epochs, mine.lr, mine.warmup_epochs) == (3, 1e-4, 0)
+    assert SCHEDULES["shufflenet_v2_x0_5"].adamw_lr > SCHEDULES["resnet18"].adamw_lr
+    with pytest.raises(ValueError, match="distill_weight"):
+        TrainConfig(data="d", distill_weight=0)
