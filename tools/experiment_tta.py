@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from compare_bundles import test_clips  # noqa: E402
 from kws_runtime import Predictor  # noqa: E402
-from kws_train.dataset import load_example  # noqa: E402
-from kws_train.recipe import RunRecipe  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_commands_real"
 
@@ -55,10 +55,8 @@ def view_probabilities(predictor: Predictor, clips: np.ndarray, shifts_ms, batch
 
 def report(bundle: str, data: Path, shifts_ms) -> list:
     predictor = Predictor(bundle, threads=1)
-    examples = RunRecipe(spec=predictor.spec).task_split(data, "all").examples
-    labels = list(predictor.labels)
-    clips = np.stack([load_example(e, predictor.spec) for e in examples])
-    truth = np.array([labels.index(e.label) for e in examples])
+    clips, names = test_clips(predictor.spec, data)
+    truth = np.array([list(predictor.labels).index(name) for name in names])
     views = sorted({0.0} | {s for ms in shifts_ms for s in (-ms, ms)})
     probabilities, seconds = view_probabilities(predictor, clips, views)
     alone = probabilities[0.0].argmax(1) == truth

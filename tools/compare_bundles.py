@@ -1,0 +1,78 @@
+"""Paired comparison of bundles on the same clips: accuracy, the clips each fixed and broke
+against the first bundle, and an exact sign test on those.
+
+Two models scored on the same 2,975 clips differ by much less noise than two independent
+accuracies suggest: only the clips one gets right and the other wrong carry information
+(McNemar's test; with few such clips, the exact binomial sign test used here).
+
+    python tools/compare_bundles.py pretrained/shufflenet-v2-0.5x runs/eval-bundles/shufflenet-30ep
+    python tools/compare_bundles.py BASE OTHER... --artifact onnx_fp32 --data ../shared/data/speech_commands_real
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kws_runtime import Predictor  # noqa: E402
+from kws_runtime.spec import FeatureSpec  # noqa: E402
+from kws_train.dataset import load_example  # noqa: E402
+from kws_train.recipe import RunRecipe  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_commands_real"
+
+
+def test_clips(spec: FeatureSpec, data: Path) -> tuple:
+    """Every example of the 12-class task of ``data``: ``(clips (n, samples), labels)``."""
+    examples = RunRecipe(spec=spec).task_split(data, "all").examples
+    return np.stack([load_example(e, spec) for e in examples]), [e.label for e in examples]
+
+
+def correct(predictor: Predictor, clips: np.ndarray, labels: list, batch: int = 64) -> np.ndarray:
+    """Which clips ``predictor`` labels right: bool ``(n,)``."""
+    probabilities = np.concatenate([predictor.probabilities(clips[i : i + batch]) for i in range(0, len(clips), batch)])
+    names = np.array(predictor.labels)
+    return names[probabilities.argmax(axis=1)] == np.array(labels)
+
+
+def sign_test(fixed: int, broken: int) -> float:
+    """Two-sided exact binomial p-value of ``fixed`` against ``broken`` changed clips."""
+    n = fixed + broken
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("bundles", nargs="+", help="the first is the baseline")
+    p.add_argument("--artifact", default="onnx_int8", help="artifact of every bundle to score (default onnx_int8)")
+    p.add_argument("--data", type=Path, default=REAL, help="a Speech Commands folder of unseen speakers")
+    args = p.parse_args()
+    base = None
+    print(f"{'bundle':<40} {'accuracy':>9} {'change':>7} {'fixed':>6} {'broken':>6} {'p':>7}")
+    for bundle in args.bundles:
+        predictor = Predictor(bundle, artifact=args.artifact, threads=1)
+        clips, labels = test_clips(predictor.spec, args.data)
+        right = correct(predictor, clips, labels)
+        if base is None:
+            base = right
+            print(f"{bundle:<40} {100 * right.mean():8.2f}%")
+            continue
+        if len(right) != len(base):
+            raise SystemExit(f"{bundle}: scored {len(right)} clips, the baseline {len(base)}: other features or data")
+        fixed, broken = int((right & ~base).sum()), int((base & ~right).sum())
+        print(f"{bundle:<40} {100 * right.mean():8.2f}% {100 * (right.mean() - base.mean()):+6.2f} {fixed:6d} {broken:6d} "
+              f"{sign_test(fixed, broken):7.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
