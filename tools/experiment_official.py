@@ -47,13 +47,16 @@ def train(run: Path, options: list) -> None:
 
 
 def export(run: Path, bundle: Path) -> dict:
-    """Accuracy of the bundle's two artifacts on the 2,975 test examples every run shares (the
-    test composition of the default recipe: a run's own --unknown-share would draw another)."""
-    status = export_cli.main([str(run / "best.pt"), "--out", str(bundle), "--calib", str(TRAIN_DATA), "--test",
-                              str(TEST_DATA), "--test-all", "--formats", "onnx_fp32", "onnx_int8", "--threads", "1",
-                              "--force", "-q"])
-    if status:
-        raise SystemExit(status)
+    """Export (unless the bundle is newer than best.pt) and score the bundle's two artifacts on
+    the 2,975 test examples every run shares (the test composition of the default recipe: a
+    run's own --unknown-share would draw another)."""
+    manifest = bundle / "manifest.json"
+    if not manifest.is_file() or manifest.stat().st_mtime < (run / "best.pt").stat().st_mtime:
+        status = export_cli.main([str(run / "best.pt"), "--out", str(bundle), "--calib", str(TRAIN_DATA), "--test",
+                                  str(TEST_DATA), "--test-all", "--formats", "onnx_fp32", "onnx_int8", "--threads",
+                                  "1", "--force", "-q"])
+        if status:
+            raise SystemExit(status)
     accuracy = {}
     for name in ("onnx_fp32", "onnx_int8"):
         predictor = Predictor(bundle, artifact=name, threads=1)
@@ -71,12 +74,12 @@ def streams(bundle: Path, out: Path, minutes: float) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s NAME [--stream-minutes M] -- KWS_TRAIN_OPTIONS")
     p.add_argument("name", help="the run's name (folder under runs/official, runs/eval-bundles, runs/streams)")
     p.add_argument("--stream-minutes", type=float, help="also score the bundle on streams this long per SNR")
-    p.add_argument("train_options", nargs=argparse.REMAINDER, help="-- then kws-train options (-m MODEL, ...)")
-    args = p.parse_args()
-    options = args.train_options[1:] if args.train_options[:1] == ["--"] else args.train_options
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, options = p.parse_args(argv[:cut]), argv[cut + 1:]
     run, bundle = REPO / "runs" / "official" / args.name, REPO / "runs" / "eval-bundles" / args.name
     train(run, options)
     accuracy = export(run, bundle)
