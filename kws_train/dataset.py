@@ -344,7 +344,7 @@ def load_example(example: Example, spec: FeatureSpec = FeatureSpec()) -> np.ndar
     if example.label != SILENCE:
         audio = load_audio(example.path, spec)
         if example.offset:
-            audio = _moved(audio, example.offset)
+            audio = moved(audio, example.offset)
     else:
         # Noise recordings are long and read for every silence example: keep them decoded.
         if example.start or Path(example.path).parent.name == BACKGROUND_NOISE:
@@ -362,14 +362,17 @@ def load_example(example: Example, spec: FeatureSpec = FeatureSpec()) -> np.ndar
     return np.array(audio, dtype=np.float32)
 
 
-def _moved(audio: np.ndarray, offset: int) -> np.ndarray:
+def moved(audio: np.ndarray, offset: int) -> np.ndarray:
+    """``audio`` (``(..., samples)``) moved later by ``offset`` samples (earlier when negative),
+    zero-filled, the same length."""
     out = np.zeros_like(audio)
-    if abs(offset) >= len(audio):
+    n = audio.shape[-1]
+    if abs(offset) >= n:
         return out
-    if offset > 0:
-        out[offset:] = audio[: len(audio) - offset]
+    if offset >= 0:
+        out[..., offset:] = audio[..., : n - offset]
     else:
-        out[: len(audio) + offset] = audio[-offset:]
+        out[..., : n + offset] = audio[..., -offset:]
     return out
 
 

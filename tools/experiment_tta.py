@@ -24,20 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_bundles import test_clips  # noqa: E402
 from kws_runtime import Predictor  # noqa: E402
+from kws_train.dataset import moved  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_commands_real"
-
-
-def shift(clips: np.ndarray, samples: int) -> np.ndarray:
-    """``clips (n, samples)`` moved later by ``samples`` (earlier when negative), zero-filled."""
-    out = np.zeros_like(clips)
-    if samples > 0:
-        out[:, samples:] = clips[:, :-samples]
-    elif samples < 0:
-        out[:, :samples] = clips[:, -samples:]
-    else:
-        out[:] = clips
-    return out
 
 
 def view_probabilities(predictor: Predictor, clips: np.ndarray, shifts_ms, batch: int = 64) -> dict:
@@ -46,9 +35,9 @@ def view_probabilities(predictor: Predictor, clips: np.ndarray, shifts_ms, batch
     probabilities, seconds = {}, {}
     for ms in shifts_ms:
         start = time.perf_counter()
-        moved = shift(clips, int(round(ms * rate / 1000)))
-        probabilities[ms] = np.concatenate([predictor.probabilities(moved[i : i + batch])
-                                            for i in range(0, len(moved), batch)])
+        views = moved(clips, int(round(ms * rate / 1000)))
+        probabilities[ms] = np.concatenate([predictor.probabilities(views[i : i + batch])
+                                            for i in range(0, len(views), batch)])
         seconds[ms] = time.perf_counter() - start
     return probabilities, seconds
 
