@@ -29,6 +29,8 @@ def test_quick_benchmark_writes_every_area(real_data, tmp_path):
     assert abs(e2e["parts_ms"] - (e2e["load_ms"] + e2e["features_ms"] + e2e["model_ms"])) < 1e-9
     assert e2e["vs_seed_path"] > 0 and e2e["seed_original_ms"] > 0
     assert all(row["incremental"] and 0 < row["real_time_factor"] < 1 for row in r["streaming"]["rows"])
+    assert all(set(row["features_us"]) == {"warm", "after_model", "after_8mb_read"} and min(row["features_us"].values()) > 0
+               for row in r["streaming"]["rows"])
     footprint = r["footprint"]
     assert footprint["import_s"]["kws_runtime"] > 0 and footprint["predict_peak_rss_mb"] > 10
     assert footprint["installed"]["runtime"]["mb"] < footprint["installed"]["training"]["mb"]

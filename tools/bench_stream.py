@@ -8,8 +8,9 @@ timed inside the stream) and everything else (ring buffer, incremental features,
 smoothing): the overhead is the rest as a fraction of the model's time. The model is also
 timed alone, back to back on the same windows' features, taking turns with the detector: the
 detector's total against that also counts what the features' memory traffic costs the model
-run that follows (its caches are no longer warm). `--hour` also writes a one-hour WAV and runs `kws stream` on
-it in a child process, reporting its peak resident memory.
+run that follows. A second line per bundle says why the detector's part costs more in the
+stream than alone (`features_cold`). `--hour` also writes a one-hour WAV and runs `kws stream`
+on it in a child process, reporting its peak resident memory.
 """
 
 from __future__ import annotations
@@ -95,6 +96,33 @@ def detector_cost(bundle: str, audio: np.ndarray, repeats: int = 3) -> dict:
             "overhead_vs_model_alone": (total - model) / model, "incremental": detector.incremental}
 
 
+def features_cold(bundle: str, audio: np.ndarray, hops: int = 400) -> dict:
+    """Why the detector's part costs more in the stream than alone: the median time of one
+    hop's features (us) warm, right after a model run, and right after reading 8 MB (as much
+    data as the model run touches, and more); if the sweep costs nothing and the model run does,
+    the slowdown is not data evicted from the caches but the state the model run leaves the
+    core in (its code caches and predictors, or its clock after heavy vector code: this does not
+    tell which)."""
+    detector = Detector(bundle, DetectorConfig(), threads=1)
+    windows = detector.features
+    clip, hop = detector.spec.clip_samples, detector.hop
+    features = np.zeros((1, *detector.spec.shape), dtype=np.float32)
+    sweep = np.ones(1 << 20)
+    before = {"warm": lambda: None, "after_model": lambda: detector.predictor.probabilities_of_features(features),
+              "after_8mb_read": sweep.sum}
+    result = {}
+    for name, step in before.items():
+        windows.reset()
+        times = []
+        for end in range(clip, min(len(audio), clip + hops * hop) + 1, hop):
+            step()
+            start = time.perf_counter()
+            windows(audio[end - clip : end], end - clip)
+            times.append(time.perf_counter() - start)
+        result[name] = 1e6 * float(np.median(times[1:]))  # the first window is computed whole
+    return result
+
+
 def hour_memory(bundle: str) -> dict:
     import soundfile
 
@@ -131,6 +159,9 @@ def main() -> int:
               f"({100 * r['overhead_vs_model_alone']:.1f} % against the model alone; the detector's own work with no "
               f"model {1e3 * r['detector_alone_ms_per_hop']:.0f} us), "
               f"incremental features: {r['incremental']}")
+        c = features_cold(bundle, audio)
+        print(f"  one hop's features: {c['warm']:.0f} us warm, {c['after_model']:.0f} us right after a model run, "
+              f"{c['after_8mb_read']:.0f} us right after reading 8 MB")
         if args.hour:
             m = hour_memory(bundle)
             print(f"  kws stream on a 1-hour file: {m['seconds']:.0f} s, {m['events']} events, peak RSS {m['peak_rss_mb']:.0f} MB "
