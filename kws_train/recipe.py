@@ -117,22 +117,26 @@ class RunRecipe:
         Args:
             root: the run's Speech Commands folder (or another one to score on).
             split: ``"training"``, ``"validation"``, ``"testing"``, or ``"all"``: every clip of
-                ``root`` as a test example, whatever its split (a folder of unseen speakers).
+                ``root`` as a test example, whatever its split (a folder of unseen speakers),
+                composed with the default shares and seed whatever the run's own, so that every
+                run scored on that folder is scored on the same examples.
             clips: ``index_dataset(root)``, when the caller builds several splits and indexes once.
         """
         if split not in SPLITS + ("all",):
             raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS + ('all',))}")
         clips = index_dataset(root) if clips is None else list(clips)
-        rule = self.split
+        rule, composition = self.split, self
         if split == "all":
             clips, rule, split = [dataclasses.replace(c, split="testing") for c in clips], SplitRule(), "testing"
+            composition = RunRecipe(spec=self.spec, task=self.task)
         if rule.method == "speaker":
             clips = split_by_speaker(clips, rule.validation_fraction, rule.testing_fraction, rule.salt)
         if split == "training":
             for extra in self.extra_training:
                 clips = clips + [dataclasses.replace(c, split="training") for c in index_dataset(extra)]
-        return build_task(clips, self.task, split, root=root, silence_share=self.silence_share,
-                          unknown_share=self.unknown_share, seed=self.seed + SPLIT_SEED_OFFSET[split], spec=self.spec,
+        return build_task(clips, self.task, split, root=root, silence_share=composition.silence_share,
+                          unknown_share=composition.unknown_share, seed=composition.seed + SPLIT_SEED_OFFSET[split],
+                          spec=self.spec,
                           # validation and test examples stay comparable across runs
                           partial_share=self.partial_share if split == "training" else 0.0)
 

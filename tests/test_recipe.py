@@ -58,3 +58,13 @@ def test_labels_name_their_task_in_order_only():
     assert task_of_labels(ds.LABELS_12) == "12" and task_of_labels(ds.LABELS_35) == "35"
     with pytest.raises(RecipeError, match="in that order"):
         task_of_labels(sorted(ds.LABELS_12))
+
+
+def test_every_run_is_scored_on_the_same_examples_of_an_unseen_folder(real_data):
+    spec = FeatureSpec.preset("librosa")
+    shared = RunRecipe(spec).task_split(real_data, "all").examples
+    other = RunRecipe(spec, silence_share=0.3, unknown_share=1.0, seed=5, partial_share=0.2)
+    assert other.task_split(real_data, "all").examples == shared
+    # its own splits still follow its shares
+    assert other.task_split(real_data, "testing").examples != RunRecipe(spec).task_split(real_data, "testing").examples
+    assert {e.label for e in shared} == set(ds.LABELS_12)

@@ -7,6 +7,10 @@ accuracies suggest: only the clips one gets right and the other wrong carry info
 
     python tools/compare_bundles.py pretrained/shufflenet-v2-0.5x runs/eval-bundles/shufflenet-30ep
     python tools/compare_bundles.py BASE OTHER... --artifact onnx_fp32 --data ../shared/data/speech_commands_real
+    python tools/compare_bundles.py pretrained/bc-resnet-3 pretrained/shufflenet-v2-0.5x --ensemble
+
+``--ensemble`` adds a row for the average of every bundle's probabilities (bundles with the
+same labels), compared against the first.
 """
 
 from __future__ import annotations
@@ -34,11 +38,15 @@ def test_clips(spec: FeatureSpec, data: Path) -> tuple:
     return np.stack([load_example(e, spec) for e in examples]), [e.label for e in examples]
 
 
-def correct(predictor: Predictor, clips: np.ndarray, labels: list, batch: int = 64) -> np.ndarray:
-    """Which clips ``predictor`` labels right: bool ``(n,)``."""
-    probabilities = np.concatenate([predictor.probabilities(clips[i : i + batch]) for i in range(0, len(clips), batch)])
-    names = np.array(predictor.labels)
-    return names[probabilities.argmax(axis=1)] == np.array(labels)
+def probabilities(predictor: Predictor, clips: np.ndarray, batch: int = 64) -> np.ndarray:
+    """``(n, labels)`` for ``clips`` ``(n, samples)``."""
+    return np.concatenate([predictor.probabilities(clips[i : i + batch]) for i in range(0, len(clips), batch)])
+
+
+def correct(predictor: Predictor, clips: np.ndarray, labels: list, scores: np.ndarray = None) -> np.ndarray:
+    """Which clips ``predictor`` (or ``scores``, probabilities in its label order) labels right: bool ``(n,)``."""
+    scores = probabilities(predictor, clips) if scores is None else scores
+    return np.array(predictor.labels)[scores.argmax(axis=1)] == np.array(labels)
 
 
 def sign_test(fixed: int, broken: int) -> float:
@@ -55,21 +63,28 @@ def main() -> int:
     p.add_argument("bundles", nargs="+", help="the first is the baseline")
     p.add_argument("--artifact", default="onnx_int8", help="artifact of every bundle to score (default onnx_int8)")
     p.add_argument("--data", type=Path, default=REAL, help="a Speech Commands folder of unseen speakers")
+    p.add_argument("--ensemble", action="store_true", help="also score the average of the bundles' probabilities")
     args = p.parse_args()
-    base = None
-    print(f"{'bundle':<40} {'accuracy':>9} {'change':>7} {'fixed':>6} {'broken':>6} {'p':>7}")
+    rows, names = [], None  # (bundle, which clips it gets right, its probabilities); the labels
     for bundle in args.bundles:
         predictor = Predictor(bundle, artifact=args.artifact, threads=1)
+        names = list(predictor.labels) if names is None else names
+        if list(predictor.labels) != names:
+            raise SystemExit(f"{bundle}: its labels differ from {args.bundles[0]}'s")
         clips, labels = test_clips(predictor.spec, args.data)
-        right = correct(predictor, clips, labels)
-        if base is None:
-            base = right
-            print(f"{bundle:<40} {100 * right.mean():8.2f}%")
-            continue
-        if len(right) != len(base):
-            raise SystemExit(f"{bundle}: scored {len(right)} clips, the baseline {len(base)}: other features or data")
+        scores = probabilities(predictor, clips)
+        if rows and len(scores) != len(rows[0][2]):
+            raise SystemExit(f"{bundle}: scored {len(scores)} clips, the baseline {len(rows[0][2])}: other features or data")
+        rows.append((bundle, correct(predictor, clips, labels, scores), scores))
+    if args.ensemble:
+        average = sum(scores for _, _, scores in rows) / len(rows)
+        rows.append(("ensemble (average of the above)", correct(predictor, clips, labels, average), average))
+    base = rows[0][1]
+    print(f"{'bundle':<40} {'accuracy':>9} {'change':>7} {'fixed':>6} {'broken':>6} {'p':>7}")
+    print(f"{rows[0][0]:<40} {100 * base.mean():8.2f}%")
+    for name, right, _ in rows[1:]:
         fixed, broken = int((right & ~base).sum()), int((base & ~right).sum())
-        print(f"{bundle:<40} {100 * right.mean():8.2f}% {100 * (right.mean() - base.mean()):+6.2f} {fixed:6d} {broken:6d} "
+        print(f"{name:<40} {100 * right.mean():8.2f}% {100 * (right.mean() - base.mean()):+6.2f} {fixed:6d} {broken:6d} "
               f"{sign_test(fixed, broken):7.3f}")
     return 0
 
