@@ -48,8 +48,7 @@ def train(run: Path, options: list) -> None:
 
 def export(run: Path, bundle: Path) -> dict:
     """Export (unless the bundle is newer than best.pt) and score the bundle's two artifacts on
-    the 2,975 test examples every run shares (the test composition of the default recipe: a
-    run's own --unknown-share would draw another)."""
+    the 2,975 test examples every run shares."""
     manifest = bundle / "manifest.json"
     if not manifest.is_file() or manifest.stat().st_mtime < (run / "best.pt").stat().st_mtime:
         status = export_cli.main([str(run / "best.pt"), "--out", str(bundle), "--calib", str(TRAIN_DATA), "--test",
