@@ -7,7 +7,7 @@ One thread. The detector's time per hop is split into its model runs (onnxruntim
 timed inside the stream) and everything else (ring buffer, incremental features, softmax,
 smoothing): the overhead is the rest as a fraction of the model's time. The model is also
 timed alone, back to back on the same windows' features, taking turns with the detector: the
-detector's total against that also counts what the features' memory traffic costs the model
+detector's total against that also counts what running the features costs the model
 run that follows. A second line per bundle says why the detector's part costs more in the
 stream than alone (`features_cold`). `--hour` also writes a one-hour WAV and runs `kws stream`
 on it in a child process, reporting its peak resident memory.
