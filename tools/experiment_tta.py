@@ -22,22 +22,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_bundles import test_clips  # noqa: E402
+from compare_bundles import probabilities as probabilities_of, test_clips  # noqa: E402
 from kws_runtime import Predictor  # noqa: E402
 from kws_train.dataset import moved  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_commands_real"
 
 
-def view_probabilities(predictor: Predictor, clips: np.ndarray, shifts_ms, batch: int = 64) -> dict:
+def view_probabilities(predictor: Predictor, clips: np.ndarray, shifts_ms) -> dict:
     """``{shift ms: probabilities (n, labels)}`` and the seconds each view took."""
     rate = predictor.spec.sample_rate
     probabilities, seconds = {}, {}
     for ms in shifts_ms:
         start = time.perf_counter()
-        views = moved(clips, int(round(ms * rate / 1000)))
-        probabilities[ms] = np.concatenate([predictor.probabilities(views[i : i + batch])
-                                            for i in range(0, len(views), batch)])
+        probabilities[ms] = probabilities_of(predictor, moved(clips, int(round(ms * rate / 1000))))
         seconds[ms] = time.perf_counter() - start
     return probabilities, seconds
 
