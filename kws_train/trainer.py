@@ -83,6 +83,7 @@ class Schedule:
 SCHEDULES = {
     "resnet18": Schedule(epochs=30, adamw_lr=2e-3, warmup_epochs=1.0),
     "mobilenet_v2": Schedule(epochs=40, adamw_lr=5e-3, warmup_epochs=2.0),
+    "mobilenet_v2_x0_5": Schedule(epochs=40, adamw_lr=5e-3, warmup_epochs=2.0),
     "shufflenet_v2_x0_5": Schedule(epochs=30, adamw_lr=1e-2, warmup_epochs=2.0),
     "bc_resnet_1": Schedule(epochs=40, adamw_lr=1e-2, warmup_epochs=2.0),
     "bc_resnet_3": Schedule(epochs=40, adamw_lr=1e-2, warmup_epochs=2.0),

@@ -15,8 +15,8 @@ from kws_train.profile import format_table, profile_model, profile_table
 SHAPES = [FeatureSpec.preset("seed").shape, FeatureSpec.preset("fine").shape]  # 40x32, 40x101
 MODEL_VARIANTS = [(a, v) for a in ARCHITECTURES for v in model_variants(a)]
 WITH_IMAGENET = [a for a in ARCHITECTURES if model_variants(a) == VARIANTS]
-# The slower checks take one BC-ResNet width: the widths share every line of code.
-ONE_WIDTH = [a for a in ARCHITECTURES if a not in ("bc_resnet_3", "bc_resnet_8")]
+# The slower checks take one width of BC-ResNet and MobileNetV2: the widths share every line of code.
+ONE_WIDTH = [a for a in ARCHITECTURES if a not in ("bc_resnet_3", "bc_resnet_8", "mobilenet_v2_x0_5")]
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +68,14 @@ def test_output_shape(architecture, variant, shape, num_classes):
 def test_seed_parameter_counts(architecture, expected):
     params = sum(p.numel() for p in build_model(architecture, 12, "seed").parameters())
     assert round(params / 1e6, 2) == expected
+
+
+def test_mobilenet_v2_x0_5_is_the_default_layout_at_half_width():
+    narrow, full = build_model("mobilenet0.5", 12), build_model("mobilenet_v2", 12)
+    assert round(sum(p.numel() for p in narrow.parameters()) / 1e6, 2) == 0.70
+    shape = FeatureSpec.preset("fine").shape
+    assert _final_map(narrow, shape) == _final_map(full, shape)
+    assert narrow.last_channel == full.last_channel == 1280
 
 
 def _final_map(model, shape):

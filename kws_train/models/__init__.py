@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from .bc_resnet import BCResNet, bc_resnet_1, bc_resnet_3, bc_resnet_8
-from .mobilenetv2 import MobileNetV2, mobilenet_v2
+from .mobilenetv2 import MobileNetV2, mobilenet_v2, mobilenet_v2_x0_5
 from .resnet import ResNet, resnet18
 from .shufflenetv2 import ShuffleNetV2, shufflenet_v2_x0_5
 
@@ -36,6 +36,7 @@ __all__ = [
     "canonical_architecture",
     "canonical_variant",
     "mobilenet_v2",
+    "mobilenet_v2_x0_5",
     "model_variants",
     "resnet18",
     "shufflenet_v2_x0_5",
@@ -44,6 +45,7 @@ __all__ = [
 BUILDERS = {
     "resnet18": resnet18,
     "mobilenet_v2": mobilenet_v2,
+    "mobilenet_v2_x0_5": mobilenet_v2_x0_5,
     "shufflenet_v2_x0_5": shufflenet_v2_x0_5,
     "bc_resnet_1": bc_resnet_1,
     "bc_resnet_3": bc_resnet_3,
@@ -55,7 +57,7 @@ VARIANT_ALIASES = {"seed": "imagenet"}
 VARIANT_NAMES = VARIANTS + tuple(VARIANT_ALIASES)
 # Short names accepted on the command line.
 ALIASES = {
-    "resnet": "resnet18", "mobilenet": "mobilenet_v2", "shufflenet": "shufflenet_v2_x0_5",
+    "resnet": "resnet18", "mobilenet": "mobilenet_v2", "mobilenet0.5": "mobilenet_v2_x0_5", "shufflenet": "shufflenet_v2_x0_5",
     "bcresnet1": "bc_resnet_1", "bcresnet3": "bc_resnet_3", "bcresnet8": "bc_resnet_8",
 }
 # Made for log-mel input: no ImageNet layout of their paper to offer.

@@ -14,6 +14,9 @@ Input ``(N, in_channels, n_mels, frames)``, output logits ``(N, num_classes)``. 
 * ``"default"``: width 1.0 with a stride-1 stem, and no stride 2 in the 160-channel stage
   (overall stride 16): a 40 x 32 input ends at 3 x 2. 58 M MACs per 40 x 101 clip.
   Measurements behind the layout: docs/models.md.
+
+`mobilenet_v2_x0_5` is the same network at width 0.5 (0.70 M parameters against 2.24 M), in
+either layout: the MobileNetV2 whose bundle is small enough to ship in the repository.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub, fuse_modules
 
-__all__ = ["MobileNetV2", "mobilenet_v2", "make_divisible"]
+__all__ = ["MobileNetV2", "mobilenet_v2", "mobilenet_v2_x0_5", "make_divisible"]
 
 # (expansion t, output channels c, repeats n): the paper's table 2.
 INVERTED_RESIDUAL_SETTING = (
@@ -167,3 +170,18 @@ def mobilenet_v2(num_classes: int = 12, in_channels: int = 1, variant: str = "de
     if variant not in VARIANTS:
         raise ValueError(f"unknown mobilenet_v2 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     return MobileNetV2(num_classes, in_channels, **VARIANTS[variant])
+
+
+def mobilenet_v2_x0_5(num_classes: int = 12, in_channels: int = 1, variant: str = "default") -> MobileNetV2:
+    """MobileNetV2 at width multiplier 0.5.
+
+    Args:
+        num_classes: output logits.
+        in_channels: input planes (1 for a log-mel spectrogram).
+        variant: ``"default"`` (stride-1 stem, overall stride 16, as `mobilenet_v2`'s default) or
+            ``"imagenet"`` (the paper's stride-2 stem and stage strides).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown mobilenet_v2_x0_5 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    layout = {key: value for key, value in VARIANTS[variant].items() if key != "width_mult"}
+    return MobileNetV2(num_classes, in_channels, width_mult=0.5, **layout)
