@@ -57,7 +57,8 @@ VARIANT_ALIASES = {"seed": "imagenet"}
 VARIANT_NAMES = VARIANTS + tuple(VARIANT_ALIASES)
 # Short names accepted on the command line.
 ALIASES = {
-    "resnet": "resnet18", "mobilenet": "mobilenet_v2", "mobilenet0.5": "mobilenet_v2_x0_5", "shufflenet": "shufflenet_v2_x0_5",
+    "resnet": "resnet18", "mobilenet": "mobilenet_v2", "mobilenet0.5": "mobilenet_v2_x0_5",
+    "shufflenet": "shufflenet_v2_x0_5",
     "bcresnet1": "bc_resnet_1", "bcresnet3": "bc_resnet_3", "bcresnet8": "bc_resnet_8",
 }
 # Made for log-mel input: no ImageNet layout of their paper to offer.
