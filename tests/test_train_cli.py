@@ -127,6 +127,7 @@ def test_profile_prints_the_table(capsys):
     assert main(["profile", "--features", "seed", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {(r["model"], r["variant"]) for r in rows} == {
-        (m, v) for m in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5") for v in ("default", "imagenet")
+        (m, v) for m in ("resnet18", "mobilenet_v2", "mobilenet_v2_x0_5", "shufflenet_v2_x0_5")
+        for v in ("default", "imagenet")
     } | {(f"bc_resnet_{w}", "default") for w in (1, 3, 8)}  # BC-ResNet has no imagenet layout
     assert all(r["input"] == "40x32" and r["macs_per_clip"] > 0 for r in rows)
