@@ -153,10 +153,12 @@ class MobileNetV2(nn.Module):
         fuse_modules(self, groups, inplace=True)
 
 
-VARIANTS = {
-    "imagenet": dict(width_mult=1 / 32, stem_stride=2, strides=IMAGENET_STRIDES),
-    "default": dict(width_mult=1.0, stem_stride=1, strides=DEFAULT_STRIDES),
+LAYOUTS = {
+    "imagenet": dict(stem_stride=2, strides=IMAGENET_STRIDES),
+    "default": dict(stem_stride=1, strides=DEFAULT_STRIDES),
 }
+# The project's first MobileNetV2 was the ImageNet layout at width 1/32.
+WIDTHS = {"imagenet": 1 / 32, "default": 1.0}
 
 
 def mobilenet_v2(num_classes: int = 12, in_channels: int = 1, variant: str = "default") -> MobileNetV2:
@@ -167,9 +169,9 @@ def mobilenet_v2(num_classes: int = 12, in_channels: int = 1, variant: str = "de
         in_channels: input planes (1 for a log-mel spectrogram).
         variant: ``"default"`` (width 1.0, stride-1 stem) or ``"imagenet"`` (width 1/32, stride-2 stem).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown mobilenet_v2 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    return MobileNetV2(num_classes, in_channels, **VARIANTS[variant])
+    if variant not in LAYOUTS:
+        raise ValueError(f"unknown mobilenet_v2 variant {variant!r}; choose one of {', '.join(LAYOUTS)}")
+    return MobileNetV2(num_classes, in_channels, width_mult=WIDTHS[variant], **LAYOUTS[variant])
 
 
 def mobilenet_v2_x0_5(num_classes: int = 12, in_channels: int = 1, variant: str = "default") -> MobileNetV2:
@@ -181,7 +183,6 @@ def mobilenet_v2_x0_5(num_classes: int = 12, in_channels: int = 1, variant: str 
         variant: ``"default"`` (stride-1 stem, overall stride 16, as `mobilenet_v2`'s default) or
             ``"imagenet"`` (the paper's stride-2 stem and stage strides).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown mobilenet_v2_x0_5 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    layout = {key: value for key, value in VARIANTS[variant].items() if key != "width_mult"}
-    return MobileNetV2(num_classes, in_channels, width_mult=0.5, **layout)
+    if variant not in LAYOUTS:
+        raise ValueError(f"unknown mobilenet_v2_x0_5 variant {variant!r}; choose one of {', '.join(LAYOUTS)}")
+    return MobileNetV2(num_classes, in_channels, width_mult=0.5, **LAYOUTS[variant])
