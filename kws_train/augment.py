@@ -1,4 +1,4 @@
-"""Batch data augmentation on the device: time shift, background noise, gain, SpecAugment.
+"""Batch data augmentation on the device: speed, time shift, background noise, gain, SpecAugment.
 
 Everything runs on whole batches on the device the audio is on, driven by a
 `torch.Generator` on that device, so a seed reproduces a run on the same device and torch
@@ -22,7 +22,7 @@ from kws_runtime.spec import FeatureSpec
 
 from .frontend import Frontend
 
-__all__ = ["AugmentConfig", "WaveformAugment", "SpecAugment", "build_frontend"]
+__all__ = ["AugmentConfig", "WaveformAugment", "SpecAugment", "build_frontend", "resample_about_centre"]
 
 
 def _check_batch(x: torch.Tensor, what: str) -> None:
@@ -40,6 +40,9 @@ class AugmentConfig:
     """What the augmentation does; a JSON-safe record for checkpoints (`to_dict`/`from_dict`).
 
     Attributes:
+        speed: (low, high) speed factor drawn uniformly per clip; the clip is resampled
+            about its centre, so tempo and pitch change together, like a shorter or longer
+            vocal tract (speed perturbation, Ko et al., Interspeech 2015). (1, 1) is off.
         shift_ms: maximum time shift either way, in ms; the gap is filled with zeros.
         noise_prob: probability that a clip gets background noise mixed in.
         snr_db: (low, high) signal-to-noise ratio in dB, drawn uniformly per clip; the
@@ -63,6 +66,7 @@ class AugmentConfig:
     time_masks: int = 2
     time_mask_ms: float = 100.0
     mask_fill: Union[str, float] = "mean"
+    speed: tuple = (1.0, 1.0)
 
     def __post_init__(self):
         def bad(field, why):
@@ -73,7 +77,7 @@ class AugmentConfig:
                 bad(field, "must be a number >= 0")
         if not _finite(self.noise_prob) or not 0 <= self.noise_prob <= 1:
             bad("noise_prob", "must be in [0, 1]")
-        for field in ("snr_db", "gain_db"):
+        for field in ("snr_db", "gain_db", "speed"):
             value = getattr(self, field)
             if (
                 not isinstance(value, (tuple, list))
@@ -83,6 +87,8 @@ class AugmentConfig:
             ):
                 bad(field, "must be a (low, high) pair of numbers with low <= high")
             object.__setattr__(self, field, (float(value[0]), float(value[1])))
+        if not 0.5 <= self.speed[0] <= self.speed[1] <= 2.0:
+            bad("speed", "factors must lie in [0.5, 2]")
         for field in ("freq_masks", "freq_mask_bands", "time_masks"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -99,7 +105,7 @@ class AugmentConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["snr_db"], d["gain_db"] = list(self.snr_db), list(self.gain_db)
+        d["snr_db"], d["gain_db"], d["speed"] = list(self.snr_db), list(self.gain_db), list(self.speed)
         return d
 
     @classmethod
@@ -136,10 +142,32 @@ class _Seeded(nn.Module):
         return g
 
 
-class WaveformAugment(_Seeded):
-    """Time shift, background noise at a random SNR, and random gain, on ``(N, samples)``.
+def resample_about_centre(audio: torch.Tensor, speed: torch.Tensor) -> torch.Tensor:
+    """Play each clip of ``(N, samples)`` at its own ``speed`` ``(N,)``, keeping its centre
+    in place and its length: sample ``t`` of the result is the clip at ``c + (t - c) * speed``
+    (linear interpolation, zero outside the clip), so speeds above 1 shorten the word and
+    raise its pitch. No anti-aliasing filter: at speed 1.1 only content above 7.3 kHz folds
+    back, where speech has little energy."""
+    n, length = audio.shape
+    centre = (length - 1) / 2.0
+    t = torch.arange(length, device=audio.device, dtype=torch.float32)
+    position = centre + (t[None, :] - centre) * speed[:, None].float()
+    left = position.floor()
+    weight = position - left
+    left = left.long()
 
-    Order: shift the clip (zero fill), mix a random segment of a random noise recording
+    def at(index: torch.Tensor) -> torch.Tensor:
+        inside = (index >= 0) & (index < length)
+        return audio.gather(1, index.clamp(0, length - 1)) * inside
+
+    return torch.lerp(at(left), at(left + 1), weight)
+
+
+class WaveformAugment(_Seeded):
+    """Speed, time shift, background noise at a random SNR, and random gain, on ``(N, samples)``.
+
+    Order: resample the clip at the drawn speed (when ``config.speed`` is not (1, 1)), shift
+    it (zero fill), mix a random segment of a random noise recording
     scaled to the drawn SNR (with probability ``noise_prob``), multiply by the drawn gain,
     clamp to [-1, 1]. With ``ref="max"`` features, gain changes the log-mel only through
     saturation and the ``amin`` floor; it matters for fixed-reference specs and for
@@ -186,12 +214,12 @@ class WaveformAugment(_Seeded):
         c = self.config
         return (
             f"shift=+-{self.max_shift} samples, noise_prob={c.noise_prob}, snr_db={c.snr_db}, "
-            f"gain_db={c.gain_db}, noise_files={len(self.noise_lengths)}, seed={self.seed}"
+            f"gain_db={c.gain_db}, speed={c.speed}, noise_files={len(self.noise_lengths)}, seed={self.seed}"
         )
 
     def draw(self, n: int, device) -> dict:
         """Random choices for ``n`` clips: ``shift`` (samples, long), ``noise`` (bool),
-        ``noise_file`` and ``noise_start`` (long), ``snr_db`` and ``gain_db`` (float)."""
+        ``noise_file`` and ``noise_start`` (long), ``snr_db``, ``gain_db`` and ``speed`` (float)."""
         g = self.generator(device)
         c = self.config
         # Every stream position is consumed whatever the config, so changing one knob
@@ -209,6 +237,11 @@ class WaveformAugment(_Seeded):
         else:
             use_noise = torch.zeros_like(use_noise)
             noise_start = torch.zeros_like(noise_file)
+        if c.speed == (1.0, 1.0):
+            # drawn only when on, so runs without it keep the streams they always had
+            speed = torch.ones(n, device=device)
+        else:
+            speed = c.speed[0] + (c.speed[1] - c.speed[0]) * torch.rand(n, generator=g, device=device)
         return {
             "shift": shift,
             "noise": use_noise,
@@ -216,6 +249,7 @@ class WaveformAugment(_Seeded):
             "noise_start": noise_start,
             "snr_db": snr,
             "gain_db": gain,
+            "speed": speed,
         }
 
     def noise_segments(self, params: dict, length: int) -> torch.Tensor:
@@ -228,6 +262,8 @@ class WaveformAugment(_Seeded):
         """Apply drawn params to ``(N, samples)`` float audio; returns a new tensor."""
         x = audio
         n, length = x.shape
+        if self.config.speed != (1.0, 1.0):
+            x = resample_about_centre(x, params["speed"])
         if self.max_shift:
             # row i of the result is the window of the zero-padded clip that starts max_shift - shift_i in
             padded = nn.functional.pad(x, (self.max_shift, self.max_shift))

@@ -88,6 +88,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-ms", type=float, metavar="MS",
                    help="largest random time shift either way, in ms (default "
                    f"{default_of(AugmentConfig, 'shift_ms'):g}; wider shifts train for windows that slide over words)")
+    p.add_argument("--speed", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="play each training clip at a random speed in [LOW, HIGH] (pitch and tempo together, "
+                   "e.g. 0.9 1.1; default off)")
     p.add_argument("--teacher", action="append", default=[], metavar="CKPT",
                    help="distil from this trained checkpoint (same task and features); repeat for an ensemble")
     p.add_argument("--distill-weight", type=float, default=default["distill_weight"].default, metavar="W",
@@ -178,6 +181,12 @@ def _positive(name: str, value) -> None:
         raise CliError(f"{name} must be at least 1, got {value}")
 
 
+def _augment_options(args) -> dict:
+    """The `AugmentConfig` fields the command line sets (the rest keep their defaults)."""
+    options = {"shift_ms": args.shift_ms, "speed": args.speed}
+    return {field: value for field, value in options.items() if value is not None}
+
+
 def _run_train(args) -> int:
     from .models import canonical_architecture
     from .trainer import TrainConfig, default_weights_path, train
@@ -199,7 +208,7 @@ def _run_train(args) -> int:
         features=args.features, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
         balance=args.balance, augment=not args.no_augment,
-        augment_config={} if args.shift_ms is None else {"shift_ms": args.shift_ms}, unknown_share=args.unknown_share,
+        augment_config=_augment_options(args), unknown_share=args.unknown_share,
         partial_share=args.partial_share,
         split=args.split, split_salt=args.salt,
         validation_fraction=args.val_fraction, testing_fraction=args.test_fraction, extra_train=args.extra_train,

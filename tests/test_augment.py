@@ -1,4 +1,4 @@
-"""Batch augmentation on the device: determinism, shift bounds, achieved SNR, gain, masks."""
+"""Batch augmentation on the device: determinism, speed, shift bounds, achieved SNR, gain, masks."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kws_runtime.spec import FeatureSpec
-from kws_train.augment import AugmentConfig, SpecAugment, WaveformAugment, build_frontend
+from kws_train.augment import AugmentConfig, SpecAugment, WaveformAugment, build_frontend, resample_about_centre
 from kws_train.frontend import LogMel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,6 +137,44 @@ def test_gain_and_saturation():
     assert out.abs().max() == 1.0
 
 
+def peak_hz(x: torch.Tensor) -> np.ndarray:
+    spectrum = np.abs(np.fft.rfft(x.cpu().numpy() * np.hanning(x.shape[1]), axis=1))
+    return spectrum.argmax(axis=1) * SPEC.sample_rate / x.shape[1]
+
+
+def test_speed_changes_pitch_and_tempo_about_the_centre():
+    t = torch.arange(L, device=DEVICE, dtype=torch.float32) / SPEC.sample_rate
+    tone = torch.sin(2 * np.pi * 500.0 * t).repeat(3, 1)
+    speed = torch.tensor([1.0, 0.9, 1.1], device=DEVICE)
+    out = resample_about_centre(tone, speed)
+    assert torch.allclose(out[0], tone[0], atol=1e-6)
+    assert np.allclose(peak_hz(out), [500.0, 450.0, 550.0], atol=2.0)
+    # a click at the centre stays there; one 2,000 samples after it moves to 2,000 / speed
+    click = torch.zeros(2, L, device=DEVICE)
+    centre = (L - 1) // 2
+    click[:, centre] = click[:, centre + 2000] = 1.0
+    moved = resample_about_centre(click, torch.tensor([0.8, 1.25], device=DEVICE)).cpu()
+    assert moved[0, centre] > 0.85 and moved[1, centre] > 0.85
+    assert moved[0, centre + 2500] > 0.85 and moved[1, centre + 1600] > 0.85
+    # faster: the edges come from outside the clip and are silent
+    ones = resample_about_centre(torch.ones(1, L, device=DEVICE), torch.tensor([1.25], device=DEVICE)).cpu()[0]
+    assert ones[:1000].abs().max() == 0 and ones[-1000:].abs().max() == 0 and ones[L // 2] == 1.0
+
+
+def test_speed_is_drawn_in_range_and_leaves_the_other_draws_alone():
+    x = clips(256)
+    plain = WaveformAugment(SPEC, recordings(), AugmentConfig(), seed=3).to(DEVICE)
+    faster = WaveformAugment(SPEC, recordings(), AugmentConfig(speed=(0.9, 1.1)), seed=3).to(DEVICE)
+    p, q = plain.draw(len(x), DEVICE), faster.draw(len(x), DEVICE)
+    assert torch.equal(p["speed"], torch.ones(len(x), device=DEVICE))
+    assert 0.9 <= q["speed"].min() < 0.92 and 1.08 < q["speed"].max() <= 1.1
+    for key in ("shift", "noise", "noise_file", "noise_start", "snr_db", "gain_db"):
+        assert torch.equal(p[key], q[key]), key
+    only_speed = WaveformAugment(SPEC, None, only(speed=(0.9, 1.1), clip=False), seed=3).to(DEVICE)
+    params = only_speed.draw(len(x), DEVICE)
+    assert torch.equal(only_speed.apply(x, params), resample_about_centre(x, params["speed"]))
+
+
 @pytest.mark.parametrize("preset", ["seed", "fine"])
 def test_masks_stay_within_limits(preset):
     spec = FeatureSpec.preset(preset)
@@ -169,6 +207,9 @@ def test_config_round_trip_and_clear_errors():
         AugmentConfig(snr_db=(20.0, 0.0))
     with pytest.raises(ValueError, match="noise_prob"):
         AugmentConfig(noise_prob=1.5)
+    with pytest.raises(ValueError, match="speed"):
+        AugmentConfig(speed=(0.9, 3.0))
+    assert AugmentConfig.from_dict(AugmentConfig(speed=(0.9, 1.1)).to_dict()).speed == (0.9, 1.1)
     with pytest.raises(ValueError, match="unknown field"):
         AugmentConfig.from_dict({"shfit_ms": 10})
     with pytest.raises(ValueError, match="background_noise"):
