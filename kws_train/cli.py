@@ -84,6 +84,9 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="12-class task: command clips moved so only a fragment of the word stays, added to training "
                    "as _unknown_, as a fraction of the command clips (default "
                    f"{default['partial_share'].default:g}; trains for windows that slide over words)")
+    p.add_argument("--training-speakers", type=float, default=default["training_speakers"].default, metavar="F",
+                   help="train on this share of the training split's speakers, chosen by a hash of the speaker id "
+                   "(default 1: all; smaller shares measure a learning curve)")
     p.add_argument("--no-augment", action="store_true", help="no time shift, noise, gain or SpecAugment")
     p.add_argument("--shift-ms", type=float, metavar="MS",
                    help="largest random time shift either way, in ms (default "
@@ -209,7 +212,7 @@ def _run_train(args) -> int:
         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
         balance=args.balance, augment=not args.no_augment,
         augment_config=_augment_options(args), unknown_share=args.unknown_share,
-        partial_share=args.partial_share,
+        partial_share=args.partial_share, training_speakers=args.training_speakers,
         split=args.split, split_salt=args.salt,
         validation_fraction=args.val_fraction, testing_fraction=args.test_fraction, extra_train=args.extra_train,
         teachers=args.teacher, distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,

@@ -203,8 +203,7 @@ def split_by_speaker(
         )
     out = []
     for clip in clips:
-        digest = hashlib.sha1(f"{salt}{clip.speaker}".encode("utf-8")).digest()
-        u = int.from_bytes(digest[:8], "big") / 2.0**64
+        u = _speaker_position(clip.speaker, salt)
         if u < validation_fraction:
             split = "validation"
         elif u < validation_fraction + testing_fraction:
@@ -213,6 +212,22 @@ def split_by_speaker(
             split = "training"
         out.append(dataclasses.replace(clip, split=split))
     return out
+
+
+def _speaker_position(speaker: str, salt: str) -> float:
+    """SHA-1 of ``salt + speaker`` as a number in [0, 1): where a speaker falls in a split."""
+    digest = hashlib.sha1(f"{salt}{speaker}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def keep_training_speakers(clips: Iterable[Clip], fraction: float, salt: str = "training-speakers") -> list:
+    """The clips, less those of the training split whose speaker falls outside ``fraction`` of
+    the training speakers (by SHA-1 of ``salt + speaker``): a smaller training set of whole
+    speakers, for learning curves. A smaller fraction keeps a subset of a larger one's
+    speakers; validation and testing clips are all kept."""
+    if not 0 < fraction <= 1:
+        raise DatasetError(f"the share of training speakers must be in (0, 1], got {fraction}")
+    return [c for c in clips if c.split != "training" or _speaker_position(c.speaker, salt) < fraction]
 
 
 def noise_files(root) -> list:

@@ -19,7 +19,7 @@ from kws_runtime.spec import FeatureSpec, SpecError, versioned_fields
 
 from .dataset import (
     LABELS_12, LABELS_35, SPLIT_SEED_OFFSET, SPLITS, TASKS, DatasetError, TaskSplit, build_task, index_dataset,
-    split_by_speaker,
+    keep_training_speakers, split_by_speaker,
 )
 
 RECIPE_VERSION = 1
@@ -84,6 +84,8 @@ class RunRecipe:
             (synthetic speech); validation and testing stay on the run's own folder.
         partial_share: 12-class task, training split only: command clips drawn again, moved
             so a fragment of the word stays, as ``_unknown_``, per command-word clip.
+        training_speakers: share of the run's own training speakers it trains on
+            (`kws_train.dataset.keep_training_speakers`): below 1, a learning curve's point.
     """
 
     spec: FeatureSpec = FeatureSpec()
@@ -94,6 +96,7 @@ class RunRecipe:
     seed: int = 0
     extra_training: tuple = ()
     partial_share: float = 0.0
+    training_speakers: float = 1.0
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -102,6 +105,9 @@ class RunRecipe:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
                 raise RecipeError(f"{name}={value!r}: must be a fraction >= 0")
+        value = self.training_speakers
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1):
+            raise RecipeError(f"training_speakers={value!r}: must be a fraction in (0, 1]")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise RecipeError(f"seed must be an integer, got {self.seed!r}")
         object.__setattr__(self, "extra_training", tuple(str(p) for p in self.extra_training))
@@ -132,6 +138,8 @@ class RunRecipe:
         if rule.method == "speaker":
             clips = split_by_speaker(clips, rule.validation_fraction, rule.testing_fraction, rule.salt)
         if split == "training":
+            if self.training_speakers < 1:
+                clips = keep_training_speakers(clips, self.training_speakers)
             for extra in self.extra_training:
                 clips = clips + [dataclasses.replace(c, split="training") for c in index_dataset(extra)]
         return build_task(clips, self.task, split, root=root, silence_share=composition.silence_share,
@@ -157,6 +165,7 @@ class RunRecipe:
             "silence_share": self.silence_share,
             "unknown_share": self.unknown_share,
             "partial_share": self.partial_share,
+            "training_speakers": self.training_speakers,
             "seed": self.seed,
             "extra_training": list(self.extra_training),
         }

@@ -68,3 +68,26 @@ def test_every_run_is_scored_on_the_same_examples_of_an_unseen_folder(real_data)
     # its own splits still follow its shares
     assert other.task_split(real_data, "testing").examples != RunRecipe(spec).task_split(real_data, "testing").examples
     assert {e.label for e in shared} == set(ds.LABELS_12)
+
+
+def test_a_share_of_training_speakers_trains_on_nested_subsets_of_whole_speakers(real_data):
+    spec, rule = FeatureSpec.preset("librosa"), SplitRule("speaker", "tasks", 0.1, 0.1)
+    clips = ds.index_dataset(real_data)
+
+    def speakers(share, split="training"):
+        examples = RunRecipe(spec, split=rule, training_speakers=share).task_split(real_data, split, clips=clips).examples
+        # command clips are all taken; _unknown_ clips are a random draw from the kept speakers
+        return {ds.speaker_of(e.path) for e in examples if e.label not in (ds.SILENCE, ds.UNKNOWN)}
+
+    every, half, quarter = speakers(1.0), speakers(0.5), speakers(0.25)
+    assert quarter < half < every
+    assert 0.35 < len(half) / len(every) < 0.65 and 0.12 < len(quarter) / len(every) < 0.38
+    whole = {c.path for c in ds.split_by_speaker(clips, 0.1, 0.1, "tasks") if ds.speaker_of(c.path) in half}
+    kept = RunRecipe(spec, split=rule, training_speakers=0.5).task_split(real_data, "training", clips=clips)
+    assert {e.path for e in kept.examples if e.label not in (ds.SILENCE, ds.UNKNOWN)} <= whole
+    assert speakers(0.25, "validation") == speakers(1.0, "validation")
+    again = RunRecipe.from_dict(json.loads(json.dumps(RunRecipe(training_speakers=0.25).to_dict())))
+    assert again.training_speakers == 0.25
+    for share in (0, 1.5):
+        with pytest.raises(RecipeError, match="training_speakers"):
+            RunRecipe(training_speakers=share)
