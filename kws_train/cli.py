@@ -91,6 +91,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-ms", type=float, metavar="MS",
                    help="largest random time shift either way, in ms (default "
                    f"{default_of(AugmentConfig, 'shift_ms'):g}; wider shifts train for windows that slide over words)")
+    p.add_argument("--snr", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="signal-to-noise range of the background noise mixed into training clips, in dB (default "
+                   f"{' '.join(f'{v:g}' for v in default_of(AugmentConfig, 'snr_db'))})")
     p.add_argument("--speed", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="play each training clip at a random speed in [LOW, HIGH] (pitch and tempo together, "
                    "e.g. 0.9 1.1; default off)")
@@ -186,7 +189,7 @@ def _positive(name: str, value) -> None:
 
 def _augment_options(args) -> dict:
     """The `AugmentConfig` fields the command line sets (the rest keep their defaults)."""
-    options = {"shift_ms": args.shift_ms, "speed": args.speed}
+    options = {"shift_ms": args.shift_ms, "snr_db": args.snr, "speed": args.speed}
     return {field: value for field, value in options.items() if value is not None}
 
 
