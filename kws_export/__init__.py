@@ -3,6 +3,7 @@
 `export_bundle` writes TorchScript (float, lite, qnnpack int8), ONNX (fp32, onnxruntime int8,
 end-to-end waveform model), ExecuTorch programs for XNNPACK (fp32, int8; with the ``mobile``
 extra) and a manifest the torch-free runtime reads; ``kws-export`` is its command line.
+`requantize_bundle` makes a bundle's int8 ONNX files again from its fp32 one.
 """
 
 import importlib
@@ -16,6 +17,7 @@ _MODULES = {
     ".executorch_export": ("Pt2eQuantConfig", "lower_to_pte", "pte_runner", "quantize_pt2e"),
     ".onnx_export": ("check_onnx", "export_onnx", "onnx_session"),
     ".quantize": ("LogMelReader", "OnnxQuantConfig", "QuantizationError", "quantize_onnx"),
+    ".requantize": ("requantize_bundle",),
     ".torchscript": ("TorchQuantConfig", "quantize_qnnpack", "save_lite", "save_torchscript", "trace"),
 }
 _HOME = {name: module for module, names in _MODULES.items() for name in names}

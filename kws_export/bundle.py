@@ -437,13 +437,14 @@ def _score(entries: dict, runners: dict, data: ExportData, latency_runs: int, lo
         timed_on = data.test_set if data.test_set is not None else data.verify_set
         for name, ms in scorecard.median_latencies_ms(runners, timed_on, runs=latency_runs).items():
             entries[name]["metrics"]["latency_ms"] = ms
-    rows = []
-    for name, entry in entries.items():
-        m = entry["metrics"]
-        rows.append(scorecard.ScoreRow(name, entry["file"], entry["format"], entry["precision"], entry["size"],
-                                       m.get("accuracy"), m.get("agreement_fp32"), m.get("latency_ms"),
-                                       m.get("test_clips", 0)))
-    return rows
+    return [_row(name, entry) for name, entry in entries.items()]
+
+
+def _row(name: str, entry: dict) -> scorecard.ScoreRow:
+    """An artifact's scorecard row, from its manifest entry."""
+    m = entry["metrics"]
+    return scorecard.ScoreRow(name, entry["file"], entry["format"], entry["precision"], entry["size"], m.get("accuracy"),
+                              m.get("agreement_fp32"), m.get("latency_ms"), m.get("test_clips", 0))
 
 
 def _manifest(ckpt: Checkpoint, model_name: str, entries: dict, rows: list, test_set, test_split: str,

@@ -135,7 +135,10 @@ def candidates(first) -> list:
     """The requested setting, then the alternatives tried when it loses too much accuracy:
     the other weight granularity, reduced range, another activation calibration, and last
     the requested setting with the first convolution and the classifier kept in float
-    (for ExecuTorch's XNNPACK quantizer, only the other weight granularity)."""
+    (for ExecuTorch's XNNPACK quantizer, only the other weight granularity).
+
+    ONNX weights go from full to 7-bit range, never back: full range saturates on x86 CPUs
+    without VNNI, which a selection run on another CPU cannot see (`OnnxQuantConfig`)."""
     out = [first]
 
     def add(config):
@@ -145,7 +148,8 @@ def candidates(first) -> list:
     add(dataclasses.replace(first, per_channel=not first.per_channel))
     if isinstance(first, Pt2eQuantConfig):  # XNNPACK's quantizer: weight granularity is the choice
         return out
-    add(dataclasses.replace(first, reduce_range=not first.reduce_range))
+    if not (isinstance(first, OnnxQuantConfig) and first.reduce_range):
+        add(dataclasses.replace(first, reduce_range=not first.reduce_range))
     if isinstance(first, OnnxQuantConfig):
         # Not entropy: onnxruntime's entropy calibrator searches symmetric thresholds on a
         # histogram centred at zero, which halves the resolution of ReLU outputs; on these

@@ -2,6 +2,7 @@
 
     kws-export runs/resnet/best.pt --out bundles/resnet --data ../speech_commands
     kws-export best.pt --out bundle --calib DATA --test DATA --formats onnx_fp32 onnx_int8
+    kws-export requantize BUNDLE --calib DATA --test DATA --test-all   # its int8 ONNX files made again
 
 Exit status (`kws_runtime.exit_codes`): 0 when every requested artifact was written and
 verified, 1 when some failed (the others are in the bundle), 2 when nothing could be exported
@@ -17,10 +18,11 @@ from typing import Optional, Sequence
 
 from kws_runtime import exit_codes
 
-from .bundle import FORMATS, MIN_CALIBRATION_CLIPS, ExportError, export_bundle
+from .bundle import FORMATS, MIN_CALIBRATION_CLIPS, ExportError, ExportReport, export_bundle
 from .executorch_export import Pt2eQuantConfig
 from .makers import ARTIFACTS
 from .quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, OnnxQuantConfig
+from .requantize import requantize_bundle
 from .torchscript import TorchQuantConfig
 
 # --formats groups, from the artifact table: every kind, each family, fp32 and int8.
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kws-export",
         description="Export a training checkpoint into a model bundle (TorchScript, ONNX fp32/int8, "
-        "end-to-end ONNX, ExecuTorch with the mobile extra), verify every artifact and score them on test clips.",
+        "end-to-end ONNX, ExecuTorch with the mobile extra), verify every artifact and score them on test clips. "
+        "'kws-export requantize BUNDLE' makes a bundle's int8 ONNX files again from its fp32 one (see its -h).",
     )
     p.add_argument("checkpoint", help="checkpoint file written by kws-train (e.g. runs/NAME/best.pt)")
     p.add_argument("--out", "-o", required=True, help="bundle folder to write")
@@ -68,6 +71,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FORMAT",
         help=f"artifacts to make: {', '.join(FORMATS)}, or a group ({', '.join(GROUPS)}); default all",
     )
+    q = _add_int8_options(p)
+    q.add_argument("--reduce-range", action="store_true", help="start from 7-bit TorchScript activations")
+    q.add_argument("--try-all", action="store_true", help="try every int8 setting and keep the best")
+    _add_scorecard_options(p)
+    p.add_argument("--threads", type=int, help="torch threads while exporting (default: torch's choice)")
+    p.add_argument("--name", help="model name in the manifest (default: the checkpoint's run folder or file name)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle in --out")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
+    return p
+
+
+def build_requantize_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kws-export requantize",
+        description="Make a bundle's int8 ONNX artifacts (onnx_int8, and onnx_e2e_int8 if it has one) again from its "
+        "fp32 ONNX file, in place, without the checkpoint: for bundles exported with full-range int8 weights, which "
+        "lose accuracy on x86 CPUs without VNNI. Clips come from the task's default composition of the folders given.",
+    )
+    p.add_argument("bundle", help="a bundle folder with an onnx_fp32 artifact")
+    p.add_argument("--calib", required=True, help="dataset root whose training split calibrates the int8 models")
+    p.add_argument("--test", help="dataset root the bundle's scorecard was scored on (required if it has accuracies)")
+    p.add_argument("--test-all", action="store_true", help="score every clip of --test, as kws-export --test-all")
+    _add_int8_options(p)
+    _add_scorecard_options(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
+    return p
+
+
+def _add_int8_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     # defaults are export_bundle's and OnnxQuantConfig's own, never restated
     default = {name: param.default for name, param in inspect.signature(export_bundle).parameters.items()}
     first = OnnxQuantConfig()
@@ -83,69 +115,95 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"ONNX activation type (default {first.activations}: onnxruntime's fast path on x86; int8 for ARM targets)",
     )
     q.add_argument("--per-tensor", action="store_true", help="start from per-tensor weight scales instead of per-channel")
-    q.add_argument("--reduce-range", action="store_true", help="start from 7-bit weights (ONNX) / activations (TorchScript)")
+    q.add_argument("--full-range-weights", action="store_true",
+                   help="8-bit ONNX weights instead of 7-bit: only for ARM or VNNI CPUs; on other x86 CPUs "
+                   "onnxruntime's int8 kernels saturate with them and lose accuracy")
     q.add_argument("--float-ends", action="store_true", help="start with the first convolution and the classifier kept in float")
     q.add_argument("--no-select", action="store_true", help="keep the first int8 setting even if it loses accuracy")
-    q.add_argument("--try-all", action="store_true", help="try every int8 setting and keep the best")
     q.add_argument("--selection-clips", type=int, default=default["selection_clips"],
                    help=f"validation clips that choose the int8 setting (default {default['selection_clips']})")
+    return q
+
+
+def _add_scorecard_options(p: argparse.ArgumentParser) -> None:
+    default = inspect.signature(export_bundle).parameters["latency_runs"].default
     s = p.add_argument_group("scorecard")
     s.add_argument("--test-clips", type=int, help="score at most this many test clips (default all)")
-    s.add_argument("--latency-runs", type=int, default=default["latency_runs"],
-                   help=f"timed runs per artifact, 0 to skip (default {default['latency_runs']})")
-    p.add_argument("--threads", type=int, help="torch threads while exporting (default: torch's choice)")
-    p.add_argument("--name", help="model name in the manifest (default: the checkpoint's run folder or file name)")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle in --out")
-    p.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
-    return p
+    s.add_argument("--latency-runs", type=int, default=default,
+                   help=f"timed runs per artifact, 0 to skip (default {default})")
+
+
+def _check_counts(args) -> None:
+    if args.calib_clips < 1 or args.selection_clips < 1 or (args.test_clips is not None and args.test_clips < 1):
+        raise ExportError("--calib-clips, --selection-clips and --test-clips must be positive")
+    if args.latency_runs < 0:
+        raise ExportError("--latency-runs must be 0 or more")
+    if args.calib_clips < MIN_CALIBRATION_CLIPS and not args.allow_few_calib:
+        raise ExportError(
+            f"--calib-clips {args.calib_clips} is below the {MIN_CALIBRATION_CLIPS} clips int8 calibration needs "
+            "to be representative; raise it or pass --allow-few-calib"
+        )
+
+
+def _onnx_quant(args) -> OnnxQuantConfig:
+    return OnnxQuantConfig(args.calib_method, not args.per_tensor, not args.full_range_weights, args.activations,
+                           args.float_ends)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    requantize = bool(argv) and argv[0] == "requantize"
+    args = (build_requantize_parser() if requantize else build_parser()).parse_args(argv[1:] if requantize else argv)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
-        formats = _formats(args.formats)
-        if args.calib_clips < 1 or args.selection_clips < 1 or (args.test_clips is not None and args.test_clips < 1):
-            raise ExportError("--calib-clips, --selection-clips and --test-clips must be positive")
-        if args.latency_runs < 0:
-            raise ExportError("--latency-runs must be 0 or more")
-        if args.calib_clips < MIN_CALIBRATION_CLIPS and not args.allow_few_calib:
-            raise ExportError(
-                f"--calib-clips {args.calib_clips} is below the {MIN_CALIBRATION_CLIPS} clips int8 calibration needs "
-                "to be representative; raise it or pass --allow-few-calib"
-            )
-        calib = args.calib or args.data
-        test = args.test or args.data
-        report = export_bundle(
-            args.checkpoint,
-            args.out,
-            calib_root=calib,
-            test_root=test,
-            formats=formats,
-            calib_clips=args.calib_clips,
-            selection_clips=args.selection_clips,
-            test_clips=args.test_clips,
-            test_split="all" if args.test_all else "testing",
-            onnx_quant=OnnxQuantConfig(args.calib_method, not args.per_tensor, args.reduce_range, args.activations, args.float_ends),
-            torch_quant=TorchQuantConfig(not args.per_tensor, args.reduce_range, float_ends=args.float_ends),
-            pt2e_quant=Pt2eQuantConfig(not args.per_tensor),
-            select_quantization=not args.no_select,
-            try_all=args.try_all,
-            latency_runs=args.latency_runs,
-            name=args.name,
-            force=args.force,
-            log=log,
-            threads=args.threads,
-        )
+        _check_counts(args)
+        report = _requantize(args, log) if requantize else _export(args, log)
     except (ExportError, OSError) as error:
         print(f"kws-export: error: {error}", file=sys.stderr)
         return exit_codes.CANNOT_RUN
     except KeyboardInterrupt:
         print("kws-export: interrupted", file=sys.stderr)
         return exit_codes.INTERRUPTED
+    return _summary(report, args.quiet)
+
+
+def _requantize(args, log) -> ExportReport:
+    return requantize_bundle(
+        args.bundle, args.calib, args.test, test_split="all" if args.test_all else "testing", test_clips=args.test_clips,
+        onnx_quant=_onnx_quant(args), calib_clips=args.calib_clips, selection_clips=args.selection_clips,
+        select_quantization=not args.no_select, latency_runs=args.latency_runs, log=log,
+    )
+
+
+def _export(args, log) -> ExportReport:
+    return export_bundle(
+        args.checkpoint,
+        args.out,
+        calib_root=args.calib or args.data,
+        test_root=args.test or args.data,
+        formats=_formats(args.formats),
+        calib_clips=args.calib_clips,
+        selection_clips=args.selection_clips,
+        test_clips=args.test_clips,
+        test_split="all" if args.test_all else "testing",
+        onnx_quant=_onnx_quant(args),
+        torch_quant=TorchQuantConfig(not args.per_tensor, args.reduce_range, float_ends=args.float_ends),
+        pt2e_quant=Pt2eQuantConfig(not args.per_tensor),
+        select_quantization=not args.no_select,
+        try_all=args.try_all,
+        latency_runs=args.latency_runs,
+        name=args.name,
+        force=args.force,
+        log=log,
+        threads=args.threads,
+    )
+
+
+def _summary(report: ExportReport, quiet: bool) -> int:
+    """Print one line per artifact (and, when quiet, the warnings); the exit status."""
     for result in report.artifacts.values():
         print(result.describe())
-    if args.quiet:  # otherwise they were printed as they came
+    if quiet:  # otherwise they were printed as they came
         for warning in report.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     if report.manifest_path is None:

@@ -158,3 +158,13 @@ def rewrite_manifest(bundle_dir, manifest):
     """Write a manifest without validation (to test what load_bundle does with it)."""
     (Path(bundle_dir) / "manifest.json").write_text(json.dumps(manifest))
 
+
+
+def int8_weight_range(path) -> int:
+    """The largest magnitude among the int8 initializers a model dequantizes (its weights)."""
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: i for i in graph.initializer if i.data_type == TensorProto.INT8}
+    weights = [numpy_helper.to_array(inits[n.input[0]]) for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    if not weights:
+        raise ValueError(f"{path}: no int8 weights")
+    return int(max(np.abs(w.astype(np.int32)).max() for w in weights))

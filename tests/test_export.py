@@ -29,6 +29,7 @@ from kws_runtime.files import current_umask
 from kws_train.checkpoint import load_checkpoint
 from kws_train.dataset import build_task, index_dataset, load_example, split_by_speaker
 from kws_train.models import ARCHITECTURES
+from bundle_builders import int8_weight_range
 from trained_models import SALT, SPEC, train_checkpoint, training_batch
 
 # Every kind but ExecuTorch's, which test_executorch.py checks (its export takes far longer).
@@ -168,6 +169,7 @@ def test_onnx_int8_is_qdq_per_channel_and_small(exported, test_inputs):
     float_inits = onnx.load(str(out / "model.onnx")).graph.initializer
     conv_weights = sum(int(np.prod(i.dims)) for i in float_inits if len(i.dims) == 4)
     assert sum(int(np.prod(inits[n.input[0]].dims)) for n in weight_dq) == conv_weights  # all of them in 8 bits
+    assert int8_weight_range(out / "model.int8.onnx") <= 64  # 7 bits: no saturation on x86 CPUs without VNNI
     int8_size, fp32_size = (out / "model.int8.onnx").stat().st_size, (out / "model.onnx").stat().st_size
     # Below ~100 k parameters (BC-ResNet-1 has 9 k) the graph, not the weights, is most of the file.
     assert int8_size <= (0.3 if conv_weights > 100_000 else 0.6) * fp32_size
@@ -311,7 +313,10 @@ def test_int8_settings_are_chosen_on_validation_clips(small, real_data, tmp_path
         notes = report.artifacts[name].entry["notes"]
         tried = notes["candidates"]
         settings = {(c["config"]["per_channel"], c["config"]["reduce_range"]) for c in tried}
-        assert settings == {(True, False), (False, False), (True, True)}  # per-channel first, then the others
+        if name == "onnx_int8":  # 7-bit weights first, and never full range (it saturates on some x86 CPUs)
+            assert settings == {(True, True), (False, True)}
+        else:  # per-channel first, then the others
+            assert settings == {(True, False), (False, False), (True, True)}
         assert len({c["config"][method_key] for c in tried}) > 1
         assert [c["config"]["float_layers"] for c in tried][-1] == "first convolution, classifier"
         assert len({round(c["selection_kl"], 12) for c in tried}) == len(tried)  # different models
@@ -458,6 +463,45 @@ def test_cli_writes_a_bundle(small, real_data, tmp_path, capsys):
     assert rc == 0, captured.err
     assert set(load_bundle(target).artifacts) == {"onnx_fp32", "onnx_int8", "onnx_e2e", "onnx_e2e_int8"}
     assert "manifest.json" in captured.out
+
+
+def test_requantize_makes_a_bundles_full_range_int8_files_portable_in_place(small, real_data, tmp_path, capsys):
+    arch, ckpt, out, report = small
+    target = tmp_path / "full-range"
+    few = ["--calib-clips", "24", "--allow-few-calib", "--selection-clips", "12"]
+    assert export_main([str(ckpt), "--out", str(target), "--data", str(real_data), "--formats", "onnx", "--no-select",
+                        "--full-range-weights", *few, "--test-clips", "12", "--latency-runs", "0", "--threads", "1",
+                        "-q"]) == 0
+    assert int8_weight_range(target / "model.int8.onnx") > 64  # what bundles held before 7-bit weights
+    before = load_bundle(target).manifest
+    capsys.readouterr()
+
+    again = ["requantize", str(target), "--calib", str(real_data), "--test", str(real_data), *few, "-q"]
+    assert export_main([*again, "--test-clips", "20", "--latency-runs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kws-export: error: ") and "counts 12 test clips" in err and err.count("\n") == 1
+    assert load_bundle(target).manifest == before  # refused before anything changed
+
+    assert export_main([*again, "--test-clips", "12", "--latency-runs", "2"]) == 0, capsys.readouterr().err
+    after = load_bundle(target)
+    assert after.artifacts["onnx_int8"].notes["quantization"]["reduce_range"]
+    for name in ("onnx_int8", "onnx_e2e_int8"):
+        assert int8_weight_range(target / after.artifacts[name].file) <= 64, name
+        assert after.artifacts[name].sha256 != before["artifacts"][name]["sha256"], name
+    for name in ("onnx_fp32", "onnx_e2e"):
+        assert after.artifacts[name].sha256 == before["artifacts"][name]["sha256"], name
+    assert after.manifest["export"]["requantized"]["artifacts"] == ["onnx_int8", "onnx_e2e_int8"]
+    rows = after.manifest["scorecard"]
+    assert [r["artifact"] for r in rows] == [r["artifact"] for r in before["scorecard"]]
+    assert all(r["clips"] == 12 and r["latency_ms"] > 0 for r in rows)  # every artifact timed again, together
+    assert "onnx_int8" in (target / "scorecard.md").read_text()
+    assert not [p.name for p in target.iterdir() if p.name.startswith(".")]
+
+    int8_only = tmp_path / "int8-only"
+    assert export_main([str(ckpt), "--out", str(int8_only), "--data", str(real_data), "--formats", "onnx_int8",
+                        "--no-select", *few, "--latency-runs", "0", "--threads", "1", "-q"]) == 0
+    assert export_main(["requantize", str(int8_only), "--calib", str(real_data), *few]) == 2
+    assert "has no onnx_fp32 artifact" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- components
