@@ -46,9 +46,18 @@ def train(run: Path, options: list) -> None:
         raise SystemExit(status)
 
 
+def score(bundle: Path) -> dict:
+    """Accuracy of a bundle's ``onnx_fp32`` and ``onnx_int8`` on the 2,975 test examples every
+    run shares."""
+    accuracy = {}
+    for name in ("onnx_fp32", "onnx_int8"):
+        predictor = Predictor(bundle, artifact=name, threads=1)
+        accuracy[name] = float(correct(predictor, *test_clips(predictor.spec, TEST_DATA)).mean())
+    return accuracy
+
+
 def export(run: Path, bundle: Path) -> dict:
-    """Export (unless the bundle is newer than best.pt) and score the bundle's two artifacts on
-    the 2,975 test examples every run shares."""
+    """Export (unless the bundle is newer than best.pt) and `score` the bundle."""
     manifest = bundle / "manifest.json"
     if not manifest.is_file() or manifest.stat().st_mtime < (run / "best.pt").stat().st_mtime:
         status = export_cli.main([str(run / "best.pt"), "--out", str(bundle), "--calib", str(TRAIN_DATA), "--test",
@@ -56,11 +65,7 @@ def export(run: Path, bundle: Path) -> dict:
                                   "1", "--force", "-q"])
         if status:
             raise SystemExit(status)
-    accuracy = {}
-    for name in ("onnx_fp32", "onnx_int8"):
-        predictor = Predictor(bundle, artifact=name, threads=1)
-        accuracy[name] = float(correct(predictor, *test_clips(predictor.spec, TEST_DATA)).mean())
-    return accuracy
+    return score(bundle)
 
 
 def streams(bundle: Path, out: Path, minutes: float) -> dict:

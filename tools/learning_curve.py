@@ -8,9 +8,11 @@ power law to the error, ``error = a * examples ** -b`` (a straight line in log-l
 et al. 2017, "Deep Learning Scaling is Predictable, Empirically", arXiv:1712.00409).
 
     python tools/learning_curve.py bcresnet3 --shares 0.25 0.5 1 -- -m bcresnet3
+    python tools/learning_curve.py bcresnet3 --full pretrained/bc-resnet-3 -- -m bcresnet3
 
 Each share is an official-protocol run (`experiment_official.py`): share 1 is the run NAME
-itself (an existing one is reused), share S the run NAME-speakersPP (PP = 100 S). Every run
+itself (an existing one is reused), or ``--full BUNDLE``, a bundle trained with the same
+recipe on every training speaker; share S is the run NAME-speakersPP (PP = 100 S). Every run
 keeps the recipe's epochs, so a smaller share also takes fewer optimizer steps: if that leaves
 it short of training, the fitted slope is too steep and the data a target needs is
 underestimated, never overestimated.
@@ -28,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from experiment_official import REPO, TRAIN_DATA, export, train  # noqa: E402
+from experiment_official import REPO, TRAIN_DATA, export, score, train  # noqa: E402
 from kws_runtime.spec import FeatureSpec  # noqa: E402
 from kws_train.dataset import SILENCE, UNKNOWN, speaker_of  # noqa: E402
 from kws_train.recipe import RunRecipe  # noqa: E402
@@ -57,6 +59,8 @@ def main() -> int:
     p.add_argument("name", help="the full run's name; the shares' runs are NAME-speakersPP")
     p.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5, 1.0],
                    help="shares of the training speakers, each in (0, 1] (default 0.25 0.5 1)")
+    p.add_argument("--full", type=Path, metavar="BUNDLE",
+                   help="share 1: this bundle, trained with the same recipe on every training speaker")
     p.add_argument("--targets", type=float, nargs="+", default=[0.95, 0.96],
                    help="accuracies to find the training-set size for (default 0.95 0.96)")
     argv = sys.argv[1:]
@@ -64,13 +68,17 @@ def main() -> int:
     args, options = p.parse_args(argv[:cut]), argv[cut + 1:]
     if len(set(args.shares)) < 2 or not all(0 < s <= 1 for s in args.shares):
         p.error("--shares needs at least two different shares in (0, 1]")
+    if args.full is not None and not (args.full / "manifest.json").is_file():
+        p.error(f"--full {args.full}: not a bundle (no manifest.json)")
     rows = []
     for share in sorted(set(args.shares)):
         name = run_name(args.name, share)
-        run, bundle = REPO / "runs" / "official" / name, REPO / "runs" / "eval-bundles" / name
-        share_options = options if share == 1 else [*options, "--training-speakers", f"{share:g}"]
-        train(run, share_options)
-        accuracy = export(run, bundle)
+        if share == 1 and args.full is not None:
+            name, accuracy = str(args.full), score(args.full)
+        else:
+            run, bundle = REPO / "runs" / "official" / name, REPO / "runs" / "eval-bundles" / name
+            train(run, options if share == 1 else [*options, "--training-speakers", f"{share:g}"])
+            accuracy = export(run, bundle)
         examples, speakers = training_set(share)
         rows.append((share, name, speakers, examples, accuracy["onnx_fp32"], accuracy["onnx_int8"]))
         print(f"{name}: {speakers} speakers, {examples} examples: fp32 {100 * accuracy['onnx_fp32']:.1f} %, "
