@@ -29,6 +29,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
+from .cpu import int8_pairs_saturate
 from .files import os_error_reason, write_text_atomic
 from .spec import FeatureSpec, SpecError
 
@@ -139,6 +140,27 @@ def low_agreement(artifact: "Artifact") -> Optional[str]:
     on = f" of {clips} test clips" if isinstance(clips, int) else " of the test clips"
     return (f"{artifact.name} agrees with the fp32 model on only {100 * agreement:.1f}%{on} "
             f"(below {100 * INT8_AGREEMENT_FLOOR:.0f}%): int8 lost more than rounding")
+
+
+def full_range_weights(bundle: "Bundle", artifact: "Artifact") -> bool:
+    """Whether an int8 ONNX artifact's weights use the full int8 range, as its export notes say
+    (an ``onnx_e2e_int8`` holds the ``onnx_int8`` network, so it reads that one's notes)."""
+    if artifact.format != "onnx" or artifact.precision != "int8":
+        return False
+    network = bundle.artifacts.get("onnx_int8", artifact) if artifact.input_kind == "waveform" else artifact
+    quantization = network.notes.get("quantization")
+    return isinstance(quantization, dict) and quantization.get("reduce_range") is False
+
+
+def untrusted(bundle: "Bundle", artifact: "Artifact") -> Optional[str]:
+    """Why an artifact should not be used unless asked for by name: low agreement with fp32
+    (`low_agreement`), or full-range int8 weights on a CPU whose int8 kernels saturate with
+    them (`kws_runtime.cpu`); None when it can be trusted."""
+    reason = low_agreement(artifact)
+    if reason is None and full_range_weights(bundle, artifact) and int8_pairs_saturate():
+        reason = (f"{artifact.name} has full-range int8 weights, which saturate in onnxruntime on this CPU (x86 "
+                  f"without VNNI) and cost accuracy; make it again with 'kws-export requantize {bundle.path} ...'")
+    return reason
 
 
 def file_sha256(path, chunk_bytes: int = 1 << 20) -> str:

@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .audio import AUDIO_EXTENSIONS, AudioError, is_audio_file, load_audio
-from .bundle import Bundle, BundleError, load_bundle, low_agreement
+from .bundle import Bundle, BundleError, load_bundle, untrusted
 from .files import os_error_reason
 
 from .exit_codes import CANNOT_RUN as EXIT_BAD_USAGE
@@ -190,7 +190,7 @@ def _info(args) -> int:
     bundle = load_bundle(args.bundle)
     print(describe(bundle))
     for artifact in bundle.artifacts.values():
-        reason = low_agreement(artifact)
+        reason = untrusted(bundle, artifact)
         if reason:
             print(f"kws: warning: {reason}", file=sys.stderr)
     return EXIT_OK

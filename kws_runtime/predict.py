@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .audio import check_samples, fit_length, load_audio
-from .bundle import Artifact, Bundle, BundleError, load_bundle, low_agreement
+from .bundle import Artifact, Bundle, BundleError, load_bundle, untrusted
 from .features import log_mel
 
 # Clips per session run: bounds the memory of one call, large enough to amortise the run.
@@ -45,8 +45,9 @@ class Predictor:
         bundle: a `Bundle` or the path of a bundle folder.
         artifact: the artifact's name in the manifest; by default the int8 ONNX model fed
             with log-mel features, else the fp32 one, else any ONNX artifact; an int8 model
-            whose measured agreement with fp32 is low (`kws_runtime.bundle.low_agreement`) is
-            passed over when another is there. `skipped` says which was passed over and why.
+            that cannot be trusted here (`kws_runtime.bundle.untrusted`: low agreement with
+            fp32, or full-range weights on a CPU that saturates them) is passed over when
+            another is there. `skipped` says which was passed over and why.
         providers: onnxruntime execution providers, e.g. ``["CUDAExecutionProvider",
             "CPUExecutionProvider"]``; default CPU only. Asking for one this onnxruntime
             build does not offer is an error, not a silent fallback.
@@ -73,7 +74,7 @@ class Predictor:
         self.artifact = choose_artifact(self.bundle, artifact)
         self.skipped = [] if artifact is not None else [
             reason for a in self.bundle.artifacts.values() if a is not self.artifact and a.format == "onnx"
-            and (reason := low_agreement(a)) is not None
+            and (reason := untrusted(self.bundle, a)) is not None
         ]
         self.labels = self.bundle.labels
         self.spec = self.bundle.spec
@@ -246,8 +247,8 @@ def choose_artifact(bundle: Bundle, name: Optional[str] = None) -> Artifact:
         raise BundleError(
             f"{bundle.path}: has no ONNX artifact (it has {', '.join(bundle.artifacts)}); export one with kws-export"
         )
-    # an int8 model that disagrees with fp32 too often is used only when asked for by name
-    trusted = [n for n in candidates if low_agreement(onnx[n]) is None]
+    # an int8 model that disagrees with fp32 too often, or would on this CPU, is used only when asked for by name
+    trusted = [n for n in candidates if untrusted(bundle, onnx[n]) is None]
     return onnx[(trusted or candidates)[0]]
 
 

@@ -264,3 +264,32 @@ def test_an_int8_model_that_disagrees_with_fp32_is_not_the_default(tmp_path, agr
         assert "using onnx_fp32" in err and "kws: warning: onnx_int8 agrees" in err
     else:
         assert err == ""
+
+
+@pytest.mark.parametrize("reduce_range, saturates, chosen", [
+    (False, True, "onnx_fp32"), (False, False, "onnx_int8"), (True, True, "onnx_int8"), (None, True, "onnx_int8"),
+])
+def test_full_range_int8_weights_are_not_the_default_where_they_saturate(tmp_path, monkeypatch, reduce_range,
+                                                                         saturates, chosen):
+    import kws_runtime.bundle
+
+    # Which CPU runs the tests is not the test's to choose: the answer of the CPU check is.
+    monkeypatch.setattr(kws_runtime.bundle, "int8_pairs_saturate", lambda: saturates)
+    path, _ = build_bundle(tmp_path / "b", int8=True)
+    manifest = read_manifest(path)
+    if reduce_range is not None:  # bundles from other tools may say nothing
+        manifest["artifacts"]["onnx_int8"]["notes"] = {"quantization": {"reduce_range": reduce_range}}
+    write_manifest(path, manifest)
+    predictor = Predictor(path)
+    assert predictor.artifact.name == chosen
+    if chosen == "onnx_fp32":
+        assert "full-range int8 weights" in predictor.skipped[0] and "kws-export requantize" in predictor.skipped[0]
+    assert Predictor(path, artifact="onnx_int8").artifact.name == "onnx_int8"  # asked for by name: used
+
+
+def test_the_cpu_check_reads_vnni_from_the_flags():
+    from kws_runtime.cpu import flags_have_vnni
+
+    assert flags_have_vnni("processor : 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert flags_have_vnni("flags : fpu avx2 avx_vnni\n")
+    assert not flags_have_vnni("flags : fpu sse avx2 fma\nbugs : avx512_vnni\n")  # only the flags line counts
