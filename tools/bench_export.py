@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     rows, runners, test = [], {}, None
     for activations, granularity in itertools.product(args.activations, args.granularity):
         name = f"{activations}-{granularity}"
-        config = OnnxQuantConfig(args.method, granularity == "per-channel", False, activations)
+        config = OnnxQuantConfig(method=args.method, per_channel=granularity == "per-channel", activations=activations)
         print(f"{name}: exporting", file=sys.stderr, flush=True)
         report = export_bundle(
             args.checkpoint, Path(args.out) / name, args.data, args.data, ["onnx_fp32", "onnx_int8"],
