@@ -91,6 +91,8 @@ def requantize_bundle(
         recipe = RunRecipe(spec=bundle.spec, task=task_of_labels(bundle.labels))
     except RecipeError as error:
         raise ExportError(f"{bundle_dir}: {error}") from None
+    if test_root is None:  # refused before any clip is read
+        _check_same_test_clips(bundle_dir, manifest, None, test_split)
     data = _export_data(recipe, calib_root, test_root, calib_clips=calib_clips, selection_clips=selection_clips,
                         test_clips=test_clips, test_split=test_split, seed=seed, log=log, warn=warn)
     _check_same_test_clips(bundle_dir, manifest, data.test_set, test_split)
