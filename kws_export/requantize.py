@@ -106,14 +106,8 @@ def requantize_bundle(
         failed = {name: r.error for name, r in results.items() if not r.ok}
         if failed:
             raise ExportError(f"{bundle_dir} is unchanged: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
-        # Every artifact is timed again beside the new ones: latencies from another CPU or
-        # another day would not compare.
         manifest["artifacts"].update(entries)
-        runners = {**_runners(bundle_dir, manifest["artifacts"], warn), **runners}
-        timed = {name: entry for name, entry in manifest["artifacts"].items() if name in runners}
-        rows = _score(timed, runners, data, latency_runs, log)
-        rows += [_row(name, entry) for name, entry in manifest["artifacts"].items() if name not in timed]
-        _check_targets(rows, warn)
+        rows = _rescore(bundle_dir, manifest["artifacts"], runners, data, latency_runs, log, warn)
         manifest["scorecard"] = [row.to_dict() for row in rows]
         manifest["export"]["requantized"] = {
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -127,8 +121,8 @@ def requantize_bundle(
         (bundle_dir / MANIFEST_NAME).unlink()
         for name in formats:
             os.replace(staged / entries[name]["file"], bundle_dir / entries[name]["file"])
-        notes = manifest["export"].get("warnings", []) + warnings_
-        manifest_path = _write_bundle(bundle_dir, manifest, rows, notes, warn, log)
+        manifest_path = _write_bundle(bundle_dir, manifest, rows, manifest["export"].get("warnings", []) + warnings_,
+                                      warn, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ExportReport(bundle_dir, manifest_path, results, warnings_, manifest["scorecard"])
@@ -173,6 +167,18 @@ def _context(fp32_onnx: Path, bundle, data, work: Path, onnx_quant: OnnxQuantCon
     )
     ctx.use_fp32_onnx(fp32_onnx)
     return ctx
+
+
+def _rescore(bundle_dir: Path, artifacts: dict, new_runners: dict, data, latency_runs: int, log: Callable,
+             warn: Callable) -> list:
+    """Scorecard rows of every artifact, in manifest order. Every artifact this machine can run is
+    timed again beside the new ones: latencies from another CPU or another day would not compare."""
+    others = {name: entry for name, entry in artifacts.items() if name not in new_runners}
+    runners = {**_runners(bundle_dir, others, warn), **new_runners}
+    timed = {row.artifact: row for row in _score({n: artifacts[n] for n in runners}, runners, data, latency_runs, log)}
+    rows = [timed.get(name) or _row(name, entry) for name, entry in artifacts.items()]
+    _check_targets(rows, warn)
+    return rows
 
 
 def _runners(bundle_dir: Path, artifacts: dict, warn: Callable) -> dict:
