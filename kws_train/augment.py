@@ -167,11 +167,10 @@ class WaveformAugment(_Seeded):
     """Speed, time shift, background noise at a random SNR, and random gain, on ``(N, samples)``.
 
     Order: resample the clip at the drawn speed (when ``config.speed`` is not (1, 1)), shift
-    it (zero fill), mix a random segment of a random noise recording
-    scaled to the drawn SNR (with probability ``noise_prob``), multiply by the drawn gain,
-    clamp to [-1, 1]. With ``ref="max"`` features, gain changes the log-mel only through
-    saturation and the ``amin`` floor; it matters for fixed-reference specs and for
-    waveform-input models.
+    it (zero fill), mix a random segment of a random noise recording scaled to the drawn SNR
+    (with probability ``noise_prob``), multiply by the drawn gain, clamp to [-1, 1]. With
+    ``ref="max"`` features, gain changes the log-mel only through saturation and the ``amin``
+    floor; it matters for fixed-reference specs and for waveform-input models.
 
     Args:
         spec: sample rate (for ms -> samples) and clip length.
