@@ -106,6 +106,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--average-epochs", type=float, metavar="E",
                    help="keep a moving average of the weights with this time constant in epochs; validation, "
                    "best.pt and the test use it (default: none)")
+    p.add_argument("--mixup", type=float, default=default["mixup"].default, metavar="ALPHA",
+                   help="mix pairs of training examples and their labels with Beta(ALPHA, ALPHA) weights, e.g. 0.2 "
+                   "(default 0: off)")
     _add_split_options(p)
     p.add_argument("--extra-train", action="append", default=[], metavar="DIR",
                    help="another dataset (e.g. from 'kws-data synth') whose clips all join the training split; repeatable")
@@ -219,7 +222,7 @@ def _run_train(args) -> int:
         split=args.split, split_salt=args.salt,
         validation_fraction=args.val_fraction, testing_fraction=args.test_fraction, extra_train=args.extra_train,
         teachers=args.teacher, distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
-        average_epochs=args.average_epochs,
+        average_epochs=args.average_epochs, mixup=args.mixup,
         device=device, amp=args.amp, compile=args.compile, seed=args.seed, resume=args.resume,
         stop_after_epochs=args.stop_after, cache_dir=args.cache_dir, threads=args.threads,
         save_weights=save_weights, quiet=args.quiet,

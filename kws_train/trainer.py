@@ -48,6 +48,7 @@ from .distributed import (
     DistContext, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed,
 )
 from .evaluate import EVAL_BATCH_SIZE, EvalResult, evaluate_model
+from .mixup import Mixup
 from .models import build_model, canonical_architecture, canonical_variant, model_variants
 from .recipe import RecipeError, RunRecipe, SplitRule, default_of
 
@@ -139,6 +140,8 @@ class TrainConfig:
         average_epochs: time constant, in epochs, of a moving average of the weights
             (`kws_train.averaging`); validation, best.pt and the test figures then use the
             averaged weights. None: no average.
+        mixup: the ``Beta(alpha, alpha)`` parameter of mixup (`kws_train.mixup`), mixing
+            pairs of training examples and their labels; 0: off.
         device: ``"auto"``, ``"cuda"`` or ``"cpu"``.
         amp: ``"auto"`` (bf16 on GPUs that have it, else fp16 with a gradient scaler; off on
             CPUs), ``"off"``, ``"bf16"`` or ``"fp16"`` (GPU only).
@@ -189,6 +192,7 @@ class TrainConfig:
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
     average_epochs: Optional[float] = None
+    mixup: float = 0.0
     device: str = "auto"
     amp: str = "auto"
     channels_last: Optional[bool] = None
@@ -257,6 +261,8 @@ class TrainConfig:
             bad("distill_temperature", "must be a positive number")
         if self.average_epochs is not None and not (self.average_epochs > 0 and math.isfinite(self.average_epochs)):
             bad("average_epochs", "must be a positive number of epochs or None")
+        if not (self.mixup >= 0 and math.isfinite(self.mixup)):
+            bad("mixup", "must be 0 (off) or a positive alpha")
         if self.balance not in BALANCING:
             bad("balance", f"choose one of {', '.join(BALANCING)}")
         try:
@@ -559,6 +565,7 @@ class _Parts:
     channels_last: bool
     distiller: Optional[Distiller]
     average: Optional[WeightAverage]
+    mixup: Optional[Mixup]
 
     @property
     def scored(self) -> nn.Module:
@@ -609,6 +616,7 @@ def _build(config: TrainConfig, ctx: DistContext, data: _RunData) -> _Parts:
         scaler=torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
         criterion=nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing),
         autocast_dtype=autocast_dtype, channels_last=channels_last, distiller=distiller, average=average,
+        mixup=Mixup(config.mixup) if config.mixup > 0 else None,
     )
 
 
@@ -690,7 +698,7 @@ def _fit(config: TrainConfig, ctx: DistContext, data: _RunData, parts: _Parts, p
         train_loss, train_acc, seen = train_epoch(
             parts.net, parts.frontend, data.loader, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion,
             device=ctx.device, autocast_dtype=parts.autocast_dtype, channels_last=parts.channels_last,
-            distiller=parts.distiller, average=parts.average, desc=f"epoch {epoch}/{config.epochs}", progress=show,
+            distiller=parts.distiller, average=parts.average, mixup=parts.mixup, desc=f"epoch {epoch}/{config.epochs}", progress=show,
         )
         samples_per_s = seen * ctx.world_size / max(time.perf_counter() - tick, 1e-9)
         progress.throughput.append(samples_per_s)
@@ -733,6 +741,8 @@ def _seed_epoch(config: TrainConfig, ctx: DistContext, data: _RunData, parts: _P
     for offset, augmenter in enumerate((parts.frontend.waveform_augment, parts.frontend.spec_augment)):
         if augmenter is not None:
             augmenter.manual_seed(epoch_seed + offset)
+    if parts.mixup is not None:
+        parts.mixup.manual_seed(epoch_seed + 3)
     # dropout draws from the global generator, which anything between epochs (building a
     # model to check a checkpoint, say) may also draw from: give each epoch its own stream
     torch.manual_seed(epoch_seed + 2)
@@ -791,12 +801,14 @@ def _scheduler_state(scheduler) -> dict:
 
 def train_epoch(net, frontend, batches, optimizer, scheduler, scaler, criterion, *, device, autocast_dtype=None,
                 channels_last: bool = False, distiller: Optional[Distiller] = None,
-                average: Optional[WeightAverage] = None, desc: str = "", progress: bool = False):
+                average: Optional[WeightAverage] = None, mixup: Optional[Mixup] = None, desc: str = "",
+                progress: bool = False):
     """One pass of optimizer steps over ``batches`` of ``(audio (B, samples), targets (B,))``.
 
     The front end (augmentation, log-mel) runs without gradients, the model under autocast
     when ``autocast_dtype`` is given, the loss in float32; the scheduler steps per batch.
-    With a ``distiller``, its teachers score the same features and their soft targets join the loss;
+    With ``mixup``, the model and any teachers see mixed features and the loss mixes both labels;
+    with a ``distiller``, its teachers score the same features and their soft targets join the loss;
     an ``average`` is updated after every step.
 
     Returns:
@@ -818,12 +830,17 @@ def train_epoch(net, frontend, batches, optimizer, scheduler, scaler, criterion,
         for step, (audio, targets) in enumerate(batches):
             with torch.no_grad():
                 x = frontend(audio)
+                if mixup is not None:
+                    x, partners, weight = mixup(x, targets)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with amp():
                 logits = net(x)
                 soft = distiller.soft_targets(x) if distiller is not None else None
-            loss = criterion(logits.float(), targets)
+            if mixup is not None:
+                loss = mixup.loss(criterion, logits.float(), targets, partners, weight)
+            else:
+                loss = criterion(logits.float(), targets)
             if soft is not None:
                 loss = distiller.mix(loss, logits, soft)
             optimizer.zero_grad(set_to_none=True)
