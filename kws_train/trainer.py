@@ -698,7 +698,8 @@ def _fit(config: TrainConfig, ctx: DistContext, data: _RunData, parts: _Parts, p
         train_loss, train_acc, seen = train_epoch(
             parts.net, parts.frontend, data.loader, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion,
             device=ctx.device, autocast_dtype=parts.autocast_dtype, channels_last=parts.channels_last,
-            distiller=parts.distiller, average=parts.average, mixup=parts.mixup, desc=f"epoch {epoch}/{config.epochs}", progress=show,
+            distiller=parts.distiller, average=parts.average, mixup=parts.mixup, desc=f"epoch {epoch}/{config.epochs}",
+            progress=show,
         )
         samples_per_s = seen * ctx.world_size / max(time.perf_counter() - tick, 1e-9)
         progress.throughput.append(samples_per_s)
