@@ -156,13 +156,9 @@ def build_cache(
     digest = fingerprint(examples, spec, labels)
     cache_dir = Path(cache_dir)
     final = cache_dir / f"{name}-{digest[:_FINGERPRINT_LEN]}"
-    if final.is_dir():
-        try:
-            cached = open_cache(final)
-            if cached.fingerprint == digest:
-                return cached
-        except CacheError:
-            pass  # unreadable: rebuilt below and swapped in
+    cached = _open_if_current(final, digest)
+    if cached is not None:
+        return cached
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".tmp", dir=cache_dir))
     make_shareable(tmp, folder=True)  # mkdtemp's 0700 would hide a shared cache from other users
@@ -181,10 +177,18 @@ def build_cache(
             "clip_samples": spec.clip_samples,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        # A concurrent builder may have finished first: its cache is kept, since moving it
+        # aside would pull it from under the processes already reading it.
+        cached = _open_if_current(final, digest)
+        if cached is not None:
+            return cached
         if final.is_dir():
             # an unreadable cache under this name: move it aside before the rename
             stale = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".stale", dir=cache_dir))
-            os.replace(final, stale / "old")
+            try:
+                os.replace(final, stale / "old")
+            except FileNotFoundError:
+                pass  # another builder moved it first
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.replace(tmp, final)
@@ -195,6 +199,17 @@ def build_cache(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return open_cache(final)
+
+
+def _open_if_current(path: Path, digest: str) -> Optional[CachedSplit]:
+    """The cache at ``path`` if it is readable and built from ``digest``, else None."""
+    if not path.is_dir():
+        return None
+    try:
+        cached = open_cache(path)
+    except CacheError:
+        return None  # unreadable: rebuilt and swapped in
+    return cached if cached.fingerprint == digest else None
 
 
 def _decode_all(examples, spec: FeatureSpec, path: Path, workers: int, progress: bool, name: str) -> None:

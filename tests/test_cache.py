@@ -179,3 +179,34 @@ def test_stopping_early_ends_the_background_thread(cached):
     for _ in BatchLoader(cached, 2, shuffle=True, prefetch=2, device=DEVICE):
         break
     assert threading.active_count() == before
+
+
+def test_a_builder_that_finishes_second_keeps_the_first_cache(tmp_path, monkeypatch):
+    """Runs started together each build the same cache: the one finishing second must use
+    the first one's folder, not swap its own in while others already read the first."""
+    import kws_train.cache as cache_module
+
+    examples = tagged_dataset(tmp_path / "data")
+    decoded, release = threading.Event(), threading.Event()
+    real_decode = cache_module._decode_all
+
+    def decode_then_wait_in_the_second_builder(*args, **kwargs):
+        real_decode(*args, **kwargs)
+        if threading.current_thread().name == "second":
+            decoded.set()
+            assert release.wait(30)
+
+    monkeypatch.setattr(cache_module, "_decode_all", decode_then_wait_in_the_second_builder)
+    results = {}
+    second = threading.Thread(name="second", target=lambda: results.update(
+        second=build_cache(examples, tmp_path / "cache", "training", labels=LABELS)))
+    second.start()
+    assert decoded.wait(30)
+    first = build_cache(examples, tmp_path / "cache", "training", labels=LABELS)
+    inode = os.stat(first.path).st_ino
+    release.set()
+    second.join(30)
+    assert results["second"].path == first.path
+    assert os.stat(first.path).st_ino == inode, "the second builder replaced the first one's cache"
+    np.testing.assert_array_equal(tag_of(first.waveforms(range(len(first)))), np.arange(len(examples)))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [first.path.name]
