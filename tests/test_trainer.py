@@ -72,7 +72,7 @@ def test_run_writes_checkpoints_metrics_and_figures(trained):
     assert last.extra["epoch"] == 2 and {"optimizer", "scheduler", "rng", "history"} <= set(last.extra)
     # the returned model is the last epoch's
     for name, tensor in trained.model.state_dict().items():
-        assert torch.equal(tensor, last.model.state_dict()[name]), name
+        assert torch.equal(tensor.cpu(), last.model.state_dict()[name]), name
     # leftover temp files would mean a write was not atomic
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     # shareable like anything open() writes: 0644 under the usual umask, not mkstemp's 0600
