@@ -185,6 +185,18 @@ def _device(gpu: bool) -> str:
     return "cuda"
 
 
+def unused_gpu_note(gpu: bool) -> Optional[str]:
+    """The line to print when a run trains on the CPU beside an available GPU (else None):
+    without -g, training stays on the CPU, as the original flags have it."""
+    if gpu:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return f"{PROG}: training on the CPU although a GPU ({torch.cuda.get_device_name()}) is available; add -g to use it"
+
+
 def _positive(name: str, value) -> None:
     if value is not None and value < 1:
         raise CliError(f"{name} must be at least 1, got {value}")
@@ -207,6 +219,9 @@ def _run_train(args) -> int:
     for flag, value in (("-e", args.epochs), ("-b", args.batch_size), ("--threads", args.threads), ("--stop-after", args.stop_after)):
         _positive(flag, value)
     device = _device(args.gpu)
+    note = unused_gpu_note(args.gpu)
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(note, file=sys.stderr)
     architecture = canonical_architecture(args.model)
     out = args.out or os.path.join("runs", f"{architecture}-{args.variant}-{args.features}")
     if Path(out).exists() and not Path(out).is_dir():

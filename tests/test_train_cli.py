@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from kws_train.cli import main
+from kws_train.cli import main, unused_gpu_note
 from kws_train.dataset import LABELS_12
 
 from filesystems import require_permission_checks, run_unprivileged
@@ -87,6 +87,17 @@ def test_gpu_flag_without_gpu_is_an_error(tiny_data, capsys):
     assert_one_line_error(capsys.readouterr().err, "no GPU")
     assert main(["eval", "x.pt", str(tiny_data), "-g"]) == 2
     assert_one_line_error(capsys.readouterr().err, "no GPU")
+
+
+def test_training_on_the_cpu_beside_a_gpu_says_how_to_use_it(monkeypatch):
+    assert unused_gpu_note(gpu=True) is None
+    if not torch.cuda.is_available():
+        assert unused_gpu_note(gpu=False) is None
+        # this machine has no GPU: stand one in, by name only, to see the line a user gets
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    note = unused_gpu_note(gpu=False)
+    assert "training on the CPU" in note and "add -g" in note and "\n" not in note
 
 
 def test_input_errors_are_one_line(tiny_data, tmp_path, capsys, monkeypatch):

@@ -9,6 +9,7 @@ resumed, a finished one is not repeated.
 
     python tools/experiment_official.py shufflenet-partial20 --stream-minutes 15 -- -m shufflenet -e 12 --lr 1e-2 --partial-share 0.2
     python tools/experiment_official.py bcresnet3 -- -m bcresnet3
+    python tools/experiment_official.py bcresnet8 -- -m bcresnet8 -g    # on the GPU (-g, as for kws-train)
 
 Writes runs/official/NAME (the run), runs/eval-bundles/NAME (the bundle) and
 runs/streams/NAME (the streams and report.json), and prints one row.
