@@ -219,8 +219,8 @@ def _run_train(args) -> int:
     for flag, value in (("-e", args.epochs), ("-b", args.batch_size), ("--threads", args.threads), ("--stop-after", args.stop_after)):
         _positive(flag, value)
     device = _device(args.gpu)
-    note = unused_gpu_note(args.gpu)
-    if note and int(os.environ.get("RANK", "0")) == 0:
+    note = unused_gpu_note(args.gpu) if int(os.environ.get("RANK", "0")) == 0 else None
+    if note:
         print(note, file=sys.stderr)
     architecture = canonical_architecture(args.model)
     out = args.out or os.path.join("runs", f"{architecture}-{args.variant}-{args.features}")
