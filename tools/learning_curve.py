@@ -7,8 +7,8 @@ one's), scores each on the same 2,975 examples of `speech_commands_real`, and fi
 power law to the error, ``error = a * examples ** -b`` (a straight line in log-log; Hestness
 et al. 2017, "Deep Learning Scaling is Predictable, Empirically", arXiv:1712.00409).
 
-    python tools/learning_curve.py bcresnet3 --shares 0.25 0.5 1 -- -m bcresnet3
-    python tools/learning_curve.py bcresnet3 --full pretrained/bc-resnet-3 -- -m bcresnet3
+    python tools/learning_curve.py bcresnet3 --shares 0.25 0.5 1 -- -m bcresnet3 -e 40
+    python tools/learning_curve.py bcresnet3 --full pretrained/bc-resnet-3 -- -m bcresnet3 -e 40
 
 Each share is an official-protocol run (`experiment_official.py`): share 1 is the run NAME
 itself (an existing one is reused), or ``--full BUNDLE``, a bundle trained with the same
