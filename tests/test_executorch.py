@@ -24,8 +24,8 @@ from trained_models import SALT, SPEC, train_checkpoint, training_batch
 
 NEEDS_EXECUTORCH = "ExecuTorch is not installed: pip install -e '.[mobile]' to run the .pte export tests"
 PTE = ["executorch_fp32", "executorch_int8"]
-# Lowering to XNNPACK takes a minute or more per program here, so each architecture is lowered
-# once in the suite: ShuffleNetV2's two programs are made and verified by the README's
+# Lowering to XNNPACK takes a minute or more per program here, so no architecture is lowered
+# twice in the suite: ShuffleNetV2's two programs are made and verified by the README's
 # every-artifact export (test_readme.py), and BC-ResNet, whose many small operators make its
 # lowering the slowest, goes through the same code.
 ARCHITECTURES = ["resnet18", "mobilenet_v2"]
