@@ -88,7 +88,7 @@ SCHEDULES = {
     "shufflenet_v2_x0_5": Schedule(epochs=60, adamw_lr=1e-2, warmup_epochs=2.0),
     "bc_resnet_3": Schedule(epochs=80, adamw_lr=1e-2, warmup_epochs=2.0),
 }
-# Measured at full width; the half-width run still improved in its last epoch (docs/accuracy.md).
+# Measured at full width; at half width 80 epochs scored no better than 40 (docs/accuracy.md).
 SCHEDULES["mobilenet_v2_x0_5"] = SCHEDULES["mobilenet_v2"]
 # 80 epochs beat 40 by 0.8-0.9 points at widths 3 and 8 (docs/accuracy.md); width 1 is unmeasured.
 SCHEDULES["bc_resnet_1"] = SCHEDULES["bc_resnet_8"] = SCHEDULES["bc_resnet_3"]
