@@ -83,7 +83,7 @@ class Schedule:
 # learning rate and more epochs; BC-ResNet follows Kim et al. 2021 (long, hot, warmed up).
 SCHEDULES = {
     "resnet18": Schedule(epochs=30, adamw_lr=2e-3, warmup_epochs=1.0),
-    # 80 epochs scored 95.1 % against 40 epochs' 93.9 % at full width (docs/accuracy.md) ...
+    # 80 epochs scored 95.1 % against 40 epochs' 94.0 % at full width (p = 0.002; docs/accuracy.md) ...
     "mobilenet_v2": Schedule(epochs=80, adamw_lr=5e-3, warmup_epochs=2.0),
     # ... and 93.0 % against 93.1 % at half width, where 40 stays.
     "mobilenet_v2_x0_5": Schedule(epochs=40, adamw_lr=5e-3, warmup_epochs=2.0),
