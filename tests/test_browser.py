@@ -17,7 +17,7 @@ import pytest
 
 import browser
 from kws_runtime import BundleError, load_bundle
-from kws_runtime.serve import PAGE_FILES, PageServer, ServeError, choose_e2e
+from kws_runtime.serve import ORT_FILES, PAGE_FILES, PageServer, ServeError, choose_e2e
 from kws_runtime.stream import DetectorConfig
 from kws_runtime.stream_eval import build_stream, write_stream
 
@@ -250,9 +250,15 @@ def kws_serve(*args, env=None):
 def test_server_errors_are_one_line(tmp_path):
     out = kws_serve(BUNDLE, "--ort-dir", tmp_path, "--port", "0")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "npm ci --prefix web" in out.stderr, out.stderr
-    out = kws_serve(BUNDLE, "--artifact", "onnx_int8", "--port", "0")
+    # The errors below come after the onnxruntime-web check, so they need its files present, not
+    # working: they must hold without `npm ci` too.
+    ort = tmp_path / "ort"
+    ort.mkdir()
+    for name in ORT_FILES:
+        (ort / name).write_bytes(b"")
+    out = kws_serve(BUNDLE, "--ort-dir", ort, "--artifact", "onnx_int8", "--port", "0")
     assert out.returncode == 2 and "not an end-to-end ONNX artifact" in out.stderr, out.stderr
-    out = kws_serve(BUNDLE, "--port", "70000")
+    out = kws_serve(BUNDLE, "--ort-dir", ort, "--port", "70000")
     assert out.returncode == 2 and "0 to 65535" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
