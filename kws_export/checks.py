@@ -52,14 +52,16 @@ def eager_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 def compare_float(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> dict:
-    """Same top-1 everywhere and outputs within ``atol``; the figures for the manifest."""
+    """Outputs within ``atol`` of the eager model's; the figures for the manifest.
+
+    Top-1 is not checked on its own: within the bound it can change only on a clip whose eager
+    top two logits are within ``2 * atol`` of each other, a tie that rounding may break either
+    way and that is no sign of a broken artifact.
+    """
     diff = float(np.max(np.abs(got - want)))
-    same = agreement(got, want)
     if not diff <= atol:
         raise VerificationError(f"{name}: outputs differ from the eager model by up to {diff:.3g} (allowed {atol:g})")
-    if same < 1.0:
-        raise VerificationError(f"{name}: top-1 differs from the eager model on {100 * (1 - same):.2f}% of the clips")
-    return {"max_abs_diff": diff, "top1_identical": True}
+    return {"max_abs_diff": diff, "top1_identical": bool(np.array_equal(got.argmax(axis=1), want.argmax(axis=1)))}
 
 
 def check_int8(name: str, got: np.ndarray, fp32_logits: np.ndarray) -> dict:

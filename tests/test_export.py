@@ -557,3 +557,20 @@ def test_float_ends_find_a_convolutional_classifier():
     assert type(q.classifier.module) is torch.nn.Conv2d  # still float
     with quantized_engine("qnnpack"), torch.no_grad():
         assert q(x).shape == (4, 12)
+
+
+
+def test_float_check_lets_rounding_break_a_tie_but_not_move_outputs():
+    from kws_export.checks import VerificationError, compare_float
+
+    want = np.array([[1.0, 0.99995, 0.0], [0.0, 1.0, 0.5]], np.float32)
+    tie_broken = want + np.array([[-3e-5, 3e-5, 0.0], [0.0, 0.0, 0.0]], np.float32)
+    assert compare_float("model", tie_broken, want, atol=1e-4) == {
+        "max_abs_diff": pytest.approx(3e-5, rel=0.01), "top1_identical": False}
+    assert compare_float("model", want, want, atol=1e-4)["top1_identical"] is True
+    moved = want.copy()
+    moved[1] = [0.0, 0.49, 0.5]
+    with pytest.raises(VerificationError, match="up to 0.51"):
+        compare_float("model", moved, want, atol=1e-4)
+    with pytest.raises(VerificationError):
+        compare_float("model", np.full_like(want, np.nan), want, atol=1e-4)
