@@ -559,7 +559,6 @@ def test_float_ends_find_a_convolutional_classifier():
         assert q(x).shape == (4, 12)
 
 
-
 def test_float_check_lets_rounding_break_a_tie_but_not_move_outputs():
     from kws_export.checks import VerificationError, compare_float
 
