@@ -94,6 +94,12 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--snr", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="signal-to-noise range of the background noise mixed into training clips, in dB (default "
                    f"{' '.join(f'{v:g}' for v in default_of(AugmentConfig, 'snr_db'))})")
+    p.add_argument("--freq-mask-bands", type=int, metavar="N",
+                   help="widest SpecAugment frequency mask, in mel bands (default "
+                   f"{default_of(AugmentConfig, 'freq_mask_bands')}; 0: no frequency masks)")
+    p.add_argument("--time-mask-ms", type=float, metavar="MS",
+                   help="widest SpecAugment time mask, in ms (default "
+                   f"{default_of(AugmentConfig, 'time_mask_ms'):g}; 0: no time masks)")
     p.add_argument("--speed", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="play each training clip at a random speed in [LOW, HIGH] (pitch and tempo together, "
                    "e.g. 0.9 1.1; default off)")
@@ -204,7 +210,8 @@ def _positive(name: str, value) -> None:
 
 def _augment_options(args) -> dict:
     """The `AugmentConfig` fields the command line sets (the rest keep their defaults)."""
-    options = {"shift_ms": args.shift_ms, "snr_db": args.snr, "speed": args.speed}
+    options = {"shift_ms": args.shift_ms, "snr_db": args.snr, "speed": args.speed,
+               "freq_mask_bands": args.freq_mask_bands, "time_mask_ms": args.time_mask_ms}
     return {field: value for field, value in options.items() if value is not None}
 
 

@@ -44,10 +44,13 @@ def test_train_save_predict_eval(tiny_data, tmp_path, capsys, monkeypatch):
     code = main(["-m", "mobilenet", "-d", str(tiny_data), "-t", "-e", "1", "-b", "8", "-s", "--variant", "seed",
                  "--features", "seed", "--split", "speaker", "--salt", SALT, "--val-fraction", "0.2",
                  "--test-fraction", "0.2", "--out", str(out), "--threads", "1", "--seed", "1", "--shift-ms", "250",
-                 "--speed", "0.9", "1.1", "--snr", "5", "30", "--unknown-share", "0.3", "--mixup", "0.2", "-q"])
+                 "--speed", "0.9", "1.1", "--snr", "5", "30", "--freq-mask-bands", "4", "--time-mask-ms", "190",
+                 "--unknown-share", "0.3", "--mixup", "0.2", "-q"])
     assert code == 0
     config = torch.load(out / "best.pt", weights_only=False)["config"]
-    assert config["augment_config"] == {"shift_ms": 250.0, "snr_db": [5.0, 30.0], "speed": [0.9, 1.1]}
+    assert config["augment_config"] == {"shift_ms": 250.0, "snr_db": [5.0, 30.0], "speed": [0.9, 1.1],
+                                        "freq_mask_bands": 4, "time_mask_ms": 190.0}
+    assert config["augment_resolved"]["freq_mask_bands"] == 4 and config["augment_resolved"]["freq_masks"] == 2
     assert config["unknown_share"] == 0.3 and config["mixup"] == 0.2
     assert {"best.pt", "last.pt", "metrics.jsonl", "curves.png", "confusion.png"} <= {p.name for p in out.iterdir()}
     # -s updated the default weights file (./weights/<architecture>.pt)
@@ -78,7 +81,8 @@ def test_train_save_predict_eval(tiny_data, tmp_path, capsys, monkeypatch):
     assert main(["-m", "mobilenet", "-d", str(tiny_data), "-t", "-e", "1", "-b", "8", "--variant", "seed",
                  "--features", "seed", "--split", "speaker", "--salt", SALT, "--val-fraction", "0.2",
                  "--test-fraction", "0.2", "--out", str(out), "--resume", "--seed", "1", "--shift-ms", "250",
-                 "--speed", "0.9", "1.1", "--snr", "5", "30", "--unknown-share", "0.3", "--mixup", "0.2", "-q"]) == 0
+                 "--speed", "0.9", "1.1", "--snr", "5", "30", "--freq-mask-bands", "4", "--time-mask-ms", "190",
+                 "--unknown-share", "0.3", "--mixup", "0.2", "-q"]) == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
@@ -110,6 +114,7 @@ def test_input_errors_are_one_line(tiny_data, tmp_path, capsys, monkeypatch):
         (["-m", "resnet", "-d", str(tiny_data / "yes")], "no default weights"),
         (["-m", "resnet", "-d", str(tiny_data), "-t", "-e", "0"], "-e must be at least 1"),
         (["-m", "resnet", "-d", str(tiny_data), "-t", "--speed", "0.9", "3"], "speed=(0.9, 3.0): factors must lie in"),
+        (["-m", "resnet", "-d", str(tiny_data), "-t", "--freq-mask-bands", "-1"], "freq_mask_bands=-1: must be an integer"),
         (["-m", "resnet", "-d", str(tiny_data), "-t", "--mixup", "-1"], "mixup=-1.0: must be 0 (off) or a positive"),
         (["-m", "resnet", "-d", str(tiny_data), "--checkpoint", str(tmp_path / "nope.pt")], "no such checkpoint"),
         (["eval", str(tmp_path / "nope.pt"), str(tiny_data)], "no such checkpoint"),
