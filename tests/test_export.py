@@ -573,3 +573,39 @@ def test_float_check_lets_rounding_break_a_tie_but_not_move_outputs():
         compare_float("model", moved, want, atol=1e-4)
     with pytest.raises(VerificationError):
         compare_float("model", np.full_like(want, np.nan), want, atol=1e-4)
+
+
+def test_int8_checks_judge_only_clips_the_reference_decides():
+    from kws_export.checks import VerificationError, check_int8, check_same_network, decided
+
+    # an untrained model: every clip's top two logits tie to within 1e-5, so int8 rounding
+    # may pick either on every clip, and no decision tells a broken file from a sound one
+    rng = np.random.default_rng(0)
+    tied = np.tile([0.3, 0.3, -0.1], (10, 1)) + rng.normal(0, 1e-5, (10, 3))
+    flipped = tied[:, [1, 0, 2]]
+    assert not decided(tied, 1.0).any()
+    figures = check_int8("int8", flipped, tied)
+    assert figures["decided_clips_fp32"] == 0 and "agreement_fp32_decided" not in figures
+
+    # a trained model: three clips decided, one close call; flipping the close call passes,
+    # flipping two decided clips of three is a broken quantization
+    logits = np.array([[4.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 5.0], [1.0, 0.8, 0.0]])
+    assert decided(logits, 1.0).tolist() == [True, True, True, False]
+    close_call = logits[:, [0, 1, 2]].copy()
+    close_call[3] = [0.8, 1.0, 0.0]
+    assert check_int8("int8", close_call, logits) == {
+        "agreement_fp32": 0.75, "decided_clips_fp32": 3, "agreement_fp32_decided": 1.0}
+    broken = logits[:, [1, 2, 0]]
+    broken[0] = logits[0]
+    with pytest.raises(VerificationError, match=r"33.3% of the 3 clips"):
+        check_int8("int8", broken, logits)
+
+    # two paths to one int8 network: a 0.02 probability step may flip a near tie, not a clear decision
+    probs = np.array([[0.50, 0.49, 0.01], [0.9, 0.05, 0.05], [0.1, 0.8, 0.1]])
+    step = probs + np.array([[-0.02, 0.02, 0.0], [0, 0, 0], [0, 0, 0]])
+    figures = check_same_network("e2e int8", step, probs)
+    assert figures["decided_clips_int8_network"] == 2 and figures["agreement_int8_network_decided"] == 1.0
+    moved = probs.copy()
+    moved[2] = [0.8, 0.1, 0.1]
+    with pytest.raises(VerificationError, match="differs on 50.00% of the 2 clips"):
+        check_same_network("e2e int8", moved, probs)

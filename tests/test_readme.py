@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -128,6 +129,7 @@ def workdir(tmp_path, monkeypatch):
         (work / name).symlink_to(data)
     (tmp_path / "shared" / "data").mkdir(parents=True)
     (tmp_path / "shared" / "data" / "speech_commands_real").symlink_to(data)
+    torch.manual_seed(0)  # the same untrained model whichever tests ran before in this process
     model = build_model("shufflenet", len(LABELS_12), "default").eval()
     run = work / "runs" / "shufflenet_v2_x0_5-default-fine"
     run.mkdir(parents=True)
