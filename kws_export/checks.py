@@ -82,19 +82,28 @@ def decided(reference: np.ndarray, margin: float) -> np.ndarray:
     return top2[:, 1] - top2[:, 0] > margin
 
 
+def _decided_agreement(got: np.ndarray, reference: np.ndarray, margin: float, key: str) -> tuple:
+    """``(agreement on the clips ``reference`` decides by more than ``margin``, or None where it
+    decides none; clips judged; the manifest figures named after ``key``)``."""
+    clear = decided(reference, margin)
+    judged = int(clear.sum())
+    figures = {f"agreement_{key}": agreement(got, reference), f"decided_clips_{key}": judged}
+    if not judged:
+        return None, judged, figures
+    agree = figures[f"agreement_{key}_decided"] = agreement(got[clear], reference[clear])
+    return agree, judged, figures
+
+
 def check_int8(name: str, got: np.ndarray, fp32_logits: np.ndarray) -> dict:
     """``got`` (logits or probabilities) makes fp32's decision on at least `INT8_MIN_AGREEMENT`
     of the clips fp32 decides by more than `INT8_MARGIN`; the figures for the manifest
     (``agreement_fp32`` over every clip, as the scorecard counts it)."""
-    clear = decided(fp32_logits, INT8_MARGIN)
-    figures = {"agreement_fp32": agreement(got, fp32_logits), "decided_clips_fp32": int(clear.sum())}
-    if clear.any():
-        agree = figures["agreement_fp32_decided"] = agreement(got[clear], fp32_logits[clear])
-        if agree < INT8_MIN_AGREEMENT:
-            raise VerificationError(
-                f"{name}: agrees with the fp32 model on only {100 * agree:.1f}% of the {int(clear.sum())} clips "
-                f"it decides by more than {INT8_MARGIN:g} logit (at least {100 * INT8_MIN_AGREEMENT:.0f}% expected)"
-            )
+    agree, judged, figures = _decided_agreement(got, fp32_logits, INT8_MARGIN, "fp32")
+    if agree is not None and agree < INT8_MIN_AGREEMENT:
+        raise VerificationError(
+            f"{name}: agrees with the fp32 model on only {100 * agree:.1f}% of the {judged} clips "
+            f"it decides by more than {INT8_MARGIN:g} logit (at least {100 * INT8_MIN_AGREEMENT:.0f}% expected)"
+        )
     return figures
 
 
@@ -102,17 +111,13 @@ def check_same_network(name: str, got: np.ndarray, want: np.ndarray) -> dict:
     """Two paths to one int8 network's probabilities: the same decision on at least
     `E2E_INT8_MIN_AGREEMENT` of the clips ``want`` decides by more than `E2E_INT8_MARGIN`;
     the figures for the manifest."""
-    clear = decided(want, E2E_INT8_MARGIN)
-    figures = {"agreement_int8_network": agreement(got, want), "decided_clips_int8_network": int(clear.sum()),
-               "max_abs_diff": float(np.max(np.abs(got - want)))}
-    if clear.any():
-        same = figures["agreement_int8_network_decided"] = agreement(got[clear], want[clear])
-        if same < E2E_INT8_MIN_AGREEMENT:
-            raise VerificationError(
-                f"{name}: top-1 differs on {100 * (1 - same):.2f}% of the {int(clear.sum())} clips decided by more "
-                f"than {E2E_INT8_MARGIN:g} (at most {100 * (1 - E2E_INT8_MIN_AGREEMENT):.1f}% allowed)"
-            )
-    return figures
+    same, judged, figures = _decided_agreement(got, want, E2E_INT8_MARGIN, "int8_network")
+    if same is not None and same < E2E_INT8_MIN_AGREEMENT:
+        raise VerificationError(
+            f"{name}: top-1 differs on {100 * (1 - same):.2f}% of the {judged} clips decided by more "
+            f"than {E2E_INT8_MARGIN:g} (at most {100 * (1 - E2E_INT8_MIN_AGREEMENT):.1f}% allowed)"
+        )
+    return {**figures, "max_abs_diff": float(np.max(np.abs(got - want)))}
 
 
 def fidelity(outputs: np.ndarray, fp32_logits: np.ndarray) -> dict:

@@ -33,10 +33,8 @@ def _train_parser() -> argparse.ArgumentParser:
     # Defaults and choices come from the library's dataclasses and constants, never restated.
     from kws_runtime.spec import PRESET_ALIASES, PRESETS
 
-    from .augment import AugmentConfig
     from .dataset import TASKS
     from .models import ALIASES, ARCHITECTURES, VARIANT_NAMES
-    from .recipe import default_of
     from .trainer import AMP_MODES, BALANCING, OPTIMIZERS, SCHEDULES, SGD_LR, TrainConfig
 
     default = TrainConfig.__dataclass_fields__
@@ -87,34 +85,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--training-speakers", type=float, default=default["training_speakers"].default, metavar="F",
                    help="train on this share of the training split's speakers, chosen by a hash of the speaker id "
                    "(default 1: all; smaller shares measure a learning curve)")
-    p.add_argument("--no-augment", action="store_true", help="no time shift, noise, gain or SpecAugment")
-    p.add_argument("--shift-ms", type=float, metavar="MS",
-                   help="largest random time shift either way, in ms (default "
-                   f"{default_of(AugmentConfig, 'shift_ms'):g}; wider shifts train for windows that slide over words)")
-    p.add_argument("--snr", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="signal-to-noise range of the background noise mixed into training clips, in dB (default "
-                   f"{' '.join(f'{v:g}' for v in default_of(AugmentConfig, 'snr_db'))})")
-    p.add_argument("--freq-mask-bands", type=int, metavar="N",
-                   help="widest SpecAugment frequency mask, in mel bands (default "
-                   f"{default_of(AugmentConfig, 'freq_mask_bands')}; 0: no frequency masks)")
-    p.add_argument("--time-mask-ms", type=float, metavar="MS",
-                   help="widest SpecAugment time mask, in ms (default "
-                   f"{default_of(AugmentConfig, 'time_mask_ms'):g}; 0: no time masks)")
-    p.add_argument("--speed", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="play each training clip at a random speed in [LOW, HIGH] (pitch and tempo together, "
-                   "e.g. 0.9 1.1; default off)")
-    p.add_argument("--teacher", action="append", default=[], metavar="CKPT",
-                   help="distil from this trained checkpoint (same task and features); repeat for an ensemble")
-    p.add_argument("--distill-weight", type=float, default=default["distill_weight"].default, metavar="W",
-                   help=f"share of the distillation term in the loss (default {default['distill_weight'].default:g})")
-    p.add_argument("--distill-temperature", type=float, default=default["distill_temperature"].default, metavar="T",
-                   help=f"softmax temperature of distillation (default {default['distill_temperature'].default:g})")
-    p.add_argument("--average-epochs", type=float, metavar="E",
-                   help="keep a moving average of the weights with this time constant in epochs; validation, "
-                   "best.pt and the test use it (default: none)")
-    p.add_argument("--mixup", type=float, default=default["mixup"].default, metavar="ALPHA",
-                   help="mix pairs of training examples and their labels with Beta(ALPHA, ALPHA) weights, e.g. 0.2 "
-                   "(default 0: off)")
+    _add_augment_options(p)
+    _add_regularisation_options(p, default)
     _add_split_options(p)
     p.add_argument("--extra-train", action="append", default=[], metavar="DIR",
                    help="another dataset (e.g. from 'kws-data synth') whose clips all join the training split; repeatable")
@@ -135,6 +107,41 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines")
     return p
 
+
+def _add_augment_options(p: argparse.ArgumentParser) -> None:
+    from .augment import AugmentConfig
+    from .recipe import default_of
+
+    p.add_argument("--no-augment", action="store_true", help="no time shift, noise, gain or SpecAugment")
+    p.add_argument("--shift-ms", type=float, metavar="MS",
+                   help="largest random time shift either way, in ms (default "
+                   f"{default_of(AugmentConfig, 'shift_ms'):g}; wider shifts train for windows that slide over words)")
+    p.add_argument("--snr", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="signal-to-noise range of the background noise mixed into training clips, in dB (default "
+                   f"{' '.join(f'{v:g}' for v in default_of(AugmentConfig, 'snr_db'))})")
+    p.add_argument("--freq-mask-bands", type=int, metavar="N",
+                   help="widest SpecAugment frequency mask, in mel bands (default "
+                   f"{default_of(AugmentConfig, 'freq_mask_bands')}; 0: no frequency masks)")
+    p.add_argument("--time-mask-ms", type=float, metavar="MS",
+                   help="widest SpecAugment time mask, in ms (default "
+                   f"{default_of(AugmentConfig, 'time_mask_ms'):g}; 0: no time masks)")
+    p.add_argument("--speed", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="play each training clip at a random speed in [LOW, HIGH] (pitch and tempo together, "
+                   "e.g. 0.9 1.1; default off)")
+
+def _add_regularisation_options(p: argparse.ArgumentParser, default: dict) -> None:
+    p.add_argument("--teacher", action="append", default=[], metavar="CKPT",
+                   help="distil from this trained checkpoint (same task and features); repeat for an ensemble")
+    p.add_argument("--distill-weight", type=float, default=default["distill_weight"].default, metavar="W",
+                   help=f"share of the distillation term in the loss (default {default['distill_weight'].default:g})")
+    p.add_argument("--distill-temperature", type=float, default=default["distill_temperature"].default, metavar="T",
+                   help=f"softmax temperature of distillation (default {default['distill_temperature'].default:g})")
+    p.add_argument("--average-epochs", type=float, metavar="E",
+                   help="keep a moving average of the weights with this time constant in epochs; validation, "
+                   "best.pt and the test use it (default: none)")
+    p.add_argument("--mixup", type=float, default=default["mixup"].default, metavar="ALPHA",
+                   help="mix pairs of training examples and their labels with Beta(ALPHA, ALPHA) weights, e.g. 0.2 "
+                   "(default 0: off)")
 
 def _add_split_options(p: argparse.ArgumentParser) -> None:
     from .recipe import SPLIT_METHODS, SplitRule, default_of
