@@ -222,6 +222,7 @@ def quantize_onnx(model_path, output_path, reader: CalibrationDataReader, config
         quantized = Path(tmp) / "quantized.onnx"
         excluded = _float_ends(onnx.load(str(prepared))) if config.float_ends else []
         extra = {"CalibStridedMinMax": CALIBRATION_STRIDE} if _strided(reader) else {}
+        extra["TensorQuantOverrides"] = _per_tensor_norm_scales(onnx.load(str(prepared)))
         cache = None
         if config.method == "percentile":
             extra["CalibPercentile"] = 99.999
@@ -263,6 +264,18 @@ def _float_ends(model: onnx.ModelProto) -> list:
     if not all(n.name for n in ends):
         raise QuantizationError("the first Conv or the classifier node has no name, so it cannot be excluded")
     return [n.name for n in ends]
+
+
+def _per_tensor_norm_scales(model: onnx.ModelProto) -> dict:
+    """Quantization overrides that give each BatchNormalization scale one scale of its own.
+
+    Left alone, onnxruntime asks for channel axis 1 of every quantized weight, finds the
+    1-D scale of a normalization that is not folded into a convolution (BC-ResNet's
+    sub-spectral norm) too short, logs "Axis 1 is out-of-range" and falls back to one scale
+    per tensor. That fallback is kept, said outright: per channel (axis 0), BC-ResNet-3's
+    int8 file was 15 % larger and no more accurate (95.26 % against 95.29 % on 2,975 clips).
+    """
+    return {n.input[1]: [{}] for n in model.graph.node if n.op_type == "BatchNormalization"}
 
 
 ENTROPY_BINS = 512

@@ -609,3 +609,30 @@ def test_int8_checks_judge_only_clips_the_reference_decides():
     moved[2] = [0.8, 0.1, 0.1]
     with pytest.raises(VerificationError, match="differs on 50.00% of the 2 clips"):
         check_same_network("e2e int8", moved, probs)
+
+
+def test_unfolded_batch_norm_scales_are_quantized_per_tensor_without_a_warning(real_data, tmp_path, caplog):
+    # BC-ResNet's sub-spectral norm is a BatchNormalization no convolution absorbs; onnxruntime's
+    # default per-channel axis does not exist on its 1-D scale.
+    import logging
+
+    from onnx import numpy_helper
+
+    from kws_export import OnnxQuantConfig, export_onnx, quantize_onnx
+    from kws_train.models import build_model
+
+    torch.manual_seed(0)
+    export_onnx(build_model("bc_resnet_1", 12).eval(), tmp_path / "m.onnx", (1, 1, *SPEC.shape))
+    reader = LogMelReader(sorted((real_data / "yes").glob("*.wav"))[:16], SPEC, batch_size=16)
+    with caplog.at_level(logging.WARNING):
+        path = quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", reader, OnnxQuantConfig())
+    assert not [r for r in caplog.records if "out-of-range" in r.getMessage()]
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producers = {out: n for n in graph.node for out in n.output}
+    norms = [n for n in graph.node if n.op_type == "BatchNormalization"]
+    assert norms
+    for norm in norms:
+        dequantize = producers[norm.input[1]]
+        assert dequantize.op_type == "DequantizeLinear"
+        assert inits[dequantize.input[0]].dtype == np.int8 and inits[dequantize.input[1]].ndim == 0
