@@ -220,9 +220,10 @@ def quantize_onnx(model_path, output_path, reader: CalibrationDataReader, config
             except Exception as exc:
                 raise QuantizationError(f"{model_path}: onnxruntime pre-processing failed: {type(exc).__name__}: {exc}") from exc
         quantized = Path(tmp) / "quantized.onnx"
-        excluded = _float_ends(onnx.load(str(prepared))) if config.float_ends else []
+        prepared_model = onnx.load(str(prepared))
+        excluded = _float_ends(prepared_model) if config.float_ends else []
         extra = {"CalibStridedMinMax": CALIBRATION_STRIDE} if _strided(reader) else {}
-        extra["TensorQuantOverrides"] = _per_tensor_norm_scales(onnx.load(str(prepared)))
+        extra["TensorQuantOverrides"] = _per_tensor_norm_scales(prepared_model)
         cache = None
         if config.method == "percentile":
             extra["CalibPercentile"] = 99.999
@@ -267,7 +268,7 @@ def _float_ends(model: onnx.ModelProto) -> list:
 
 
 def _per_tensor_norm_scales(model: onnx.ModelProto) -> dict:
-    """Quantization overrides that give each BatchNormalization scale one scale of its own.
+    """Quantization overrides that quantize every BatchNormalization scale with one scale per tensor.
 
     Left alone, onnxruntime asks for channel axis 1 of every quantized weight, finds the
     1-D scale of a normalization that is not folded into a convolution (BC-ResNet's
