@@ -83,8 +83,9 @@ def decided(reference: np.ndarray, margin: float) -> np.ndarray:
 
 
 def _decided_agreement(got: np.ndarray, reference: np.ndarray, margin: float, key: str) -> tuple:
-    """``(agreement on the clips ``reference`` decides by more than ``margin``, or None where it
-    decides none; clips judged; the manifest figures named after ``key``)``."""
+    """Agreement of ``got`` with ``reference`` on the clips ``reference`` decides by more than
+    ``margin`` (None if it decides none), how many clips that is, and the manifest figures
+    named after ``key``."""
     clear = decided(reference, margin)
     judged = int(clear.sum())
     figures = {f"agreement_{key}": agreement(got, reference), f"decided_clips_{key}": judged}

@@ -129,6 +129,7 @@ def _add_augment_options(p: argparse.ArgumentParser) -> None:
                    help="play each training clip at a random speed in [LOW, HIGH] (pitch and tempo together, "
                    "e.g. 0.9 1.1; default off)")
 
+
 def _add_regularisation_options(p: argparse.ArgumentParser, default: dict) -> None:
     p.add_argument("--teacher", action="append", default=[], metavar="CKPT",
                    help="distil from this trained checkpoint (same task and features); repeat for an ensemble")
@@ -142,6 +143,7 @@ def _add_regularisation_options(p: argparse.ArgumentParser, default: dict) -> No
     p.add_argument("--mixup", type=float, default=default["mixup"].default, metavar="ALPHA",
                    help="mix pairs of training examples and their labels with Beta(ALPHA, ALPHA) weights, e.g. 0.2 "
                    "(default 0: off)")
+
 
 def _add_split_options(p: argparse.ArgumentParser) -> None:
     from .recipe import SPLIT_METHODS, SplitRule, default_of
