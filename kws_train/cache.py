@@ -290,7 +290,7 @@ class BatchLoader:
     """Batches of raw audio from a `CachedSplit`, on the device, ready for the front end.
 
     Yields ``(audio, targets)``: float32 ``(B, clip_samples)`` in [-1, 1) and int64 ``(B,)``
-    on ``device``. Rows are gathered from the memory map in a background thread (pinned
+    on ``device``; with ``rows``, ``(audio, targets, rows)``, the batch's rows as float32. Rows are gathered from the memory map in a background thread (pinned
     when the device is CUDA) and sent as int16, half the bytes of float32; the scaling to
     float runs on the device.
 
@@ -313,6 +313,8 @@ class BatchLoader:
         pin_memory: pin host batches; default true for CUDA devices.
         rank, world_size: the share of a distributed run.
         prefetch: batches prepared ahead in the background thread (0: none, synchronous).
+        rows: per-example values ``(len(split), ...)`` that travel with the examples
+            (e.g. a teacher's soft targets, `kws_train.distill.bundle_soft_targets`).
     """
 
     def __init__(
@@ -330,6 +332,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         prefetch: int = 2,
+        rows: Optional[np.ndarray] = None,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -359,6 +362,9 @@ class BatchLoader:
                 raise ValueError(f"sample_weights must be {len(split)} finite non-negative numbers with a positive sum")
             sample_weights = w / w.sum()
         self.sample_weights = sample_weights
+        if rows is not None and len(rows) != len(split):
+            raise ValueError(f"rows must have one entry per example ({len(split)}), got {len(rows)}")
+        self.rows = None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.float32))
         self.num_samples = len(split) if num_samples is None else int(num_samples)
         if self.num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples!r}")
@@ -395,14 +401,13 @@ class BatchLoader:
         idx = np.sort(idx)
         audio = torch.from_numpy(self.split.audio[idx])
         targets = torch.from_numpy(self.split.targets[idx])
-        if self.pin_memory:
-            audio, targets = audio.pin_memory(), targets.pin_memory()
-        return audio, targets
+        batch = (audio, targets) if self.rows is None else (audio, targets, self.rows[torch.from_numpy(idx)])
+        return tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
 
-    def _to_device(self, audio: torch.Tensor, targets: torch.Tensor):
+    def _to_device(self, audio: torch.Tensor, *others: torch.Tensor):
         non_blocking = self.pin_memory
         audio = audio.to(self.device, non_blocking=non_blocking).float().div_(32768.0)
-        return audio, targets.to(self.device, non_blocking=non_blocking)
+        return (audio, *(t.to(self.device, non_blocking=non_blocking) for t in others))
 
     def _batches(self):
         order = self.indices()
@@ -410,7 +415,7 @@ class BatchLoader:
         for start in range(0, stop, self.batch_size):
             yield order[start : start + self.batch_size]
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
         if self.prefetch <= 0:
             for idx in self._batches():
                 yield self._to_device(*self._host_batch(idx))

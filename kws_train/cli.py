@@ -133,6 +133,9 @@ def _add_augment_options(p: argparse.ArgumentParser) -> None:
 def _add_regularisation_options(p: argparse.ArgumentParser, default: dict) -> None:
     p.add_argument("--teacher", action="append", default=[], metavar="CKPT",
                    help="distil from this trained checkpoint (same task and features); repeat for an ensemble")
+    p.add_argument("--teacher-bundle", action="append", default=[], metavar="BUNDLE",
+                   help="distil from this exported bundle instead (same task and features): it scores every "
+                   "training clip once, as recorded, before the first epoch; repeat for an ensemble")
     p.add_argument("--distill-weight", type=float, default=default["distill_weight"].default, metavar="W",
                    help=f"share of the distillation term in the loss (default {default['distill_weight'].default:g})")
     p.add_argument("--distill-temperature", type=float, default=default["distill_temperature"].default, metavar="T",
@@ -252,7 +255,8 @@ def _run_train(args) -> int:
         partial_share=args.partial_share, training_speakers=args.training_speakers,
         split=args.split, split_salt=args.salt,
         validation_fraction=args.val_fraction, testing_fraction=args.test_fraction, extra_train=args.extra_train,
-        teachers=args.teacher, distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
+        teachers=args.teacher, teacher_bundles=args.teacher_bundle, distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
         average_epochs=args.average_epochs, mixup=args.mixup,
         device=device, amp=args.amp, compile=args.compile, seed=args.seed, resume=args.resume,
         stop_after_epochs=args.stop_after, cache_dir=args.cache_dir, threads=args.threads,

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kws_runtime.bundle import BundleError, load_bundle
 from kws_runtime.files import check_writable_folder, copy_atomic, write_json_atomic, write_text_atomic
 from kws_runtime.spec import FeatureSpec, canonical_preset
 
@@ -43,7 +44,7 @@ from .averaging import WeightAverage, decay_for
 from .cache import BatchLoader, CachedSplit, build_cache
 from .checkpoint import CheckpointError, ResumeState, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .dataset import SPLITS, TASKS, background_noise, index_dataset
-from .distill import Distiller, load_teachers
+from .distill import Distiller, bundle_soft_targets, load_teachers
 from .distributed import (
     DistContext, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed,
 )
@@ -137,6 +138,9 @@ class TrainConfig:
         training_speakers: share of the training speakers kept (`RunRecipe`; 1 keeps all).
         teachers: checkpoints of trained models (same labels and features) to distil from
             (`kws_train.distill`); several form an ensemble. Empty: no distillation.
+        teacher_bundles: exported bundles to distil from instead: they score every training
+            clip once, as recorded, before the first epoch (`kws_train.distill.bundle_soft_targets`);
+            several form an ensemble. Not with ``teachers`` or ``mixup``.
         distill_weight: share of the distillation term in the loss, in (0, 1].
         distill_temperature: softmax temperature of the distillation term.
         average_epochs: time constant, in epochs, of a moving average of the weights
@@ -191,6 +195,7 @@ class TrainConfig:
     partial_share: float = default_of(RunRecipe, "partial_share")
     training_speakers: float = default_of(RunRecipe, "training_speakers")
     teachers: List[str] = dataclasses.field(default_factory=list)
+    teacher_bundles: List[str] = dataclasses.field(default_factory=list)
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
     average_epochs: Optional[float] = None
@@ -229,6 +234,7 @@ class TrainConfig:
         self.data, self.out = os.fspath(self.data), os.fspath(self.out)
         self.extra_train = [os.fspath(p) for p in self.extra_train]
         self.teachers = [os.fspath(p) for p in self.teachers]
+        self.teacher_bundles = [os.fspath(p) for p in self.teacher_bundles]
         try:  # older spellings ("seed") are accepted and stored under today's names
             self.variant = canonical_variant(self.variant)
             self.features = canonical_preset(self.features)  # SpecError (a ValueError) names the presets
@@ -265,6 +271,11 @@ class TrainConfig:
             bad("average_epochs", "must be a positive number of epochs or None")
         if not (self.mixup >= 0 and math.isfinite(self.mixup)):
             bad("mixup", "must be 0 (off) or a positive alpha")
+        if self.teacher_bundles and self.teachers:
+            bad("teacher_bundles", "distil from checkpoints (teachers) or from bundles, not both in one run")
+        if self.teacher_bundles and self.mixup > 0:
+            bad("teacher_bundles", "a bundle's soft targets belong to single clips, not to mixup's mixtures; "
+                "use checkpoint teachers with mixup")
         if self.balance not in BALANCING:
             bad("balance", f"choose one of {', '.join(BALANCING)}")
         try:
@@ -464,6 +475,11 @@ def _prepare(config: TrainConfig, ctx: DistContext) -> Optional[tuple]:
     for teacher in config.teachers:  # now, not after the data is decoded
         if not Path(teacher).is_file():
             raise TrainError(f"teacher {teacher}: no such checkpoint file")
+    for bundle in config.teacher_bundles:
+        try:
+            load_bundle(bundle)
+        except BundleError as error:
+            raise TrainError(f"teacher bundle: {error}") from None
     resume = _load_resume_state(config)
     out = Path(config.out)
     if ctx.is_main:
@@ -548,8 +564,21 @@ def _prepare_data(config: TrainConfig, ctx: DistContext) -> _RunData:
         sample_weights="balanced" if config.balance == "sampler" else None,
         # a last batch of one clip would break batch norm; keep it only if it is all there is
         drop_last=per_rank >= config.batch_size, device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
+        rows=_stored_soft_targets(config, ctx, train_split),
     )
     return _RunData(labels, train_split, val_split, test_split, loader)
+
+
+def _stored_soft_targets(config: TrainConfig, ctx: DistContext, train_split: CachedSplit) -> Optional[np.ndarray]:
+    """The teacher bundles' soft targets of every training clip, or None without teacher bundles."""
+    if not config.teacher_bundles:
+        return None
+    tick = time.perf_counter()
+    soft = bundle_soft_targets(config.teacher_bundles, train_split, config.spec, config.distill_temperature,
+                               threads=config.threads)
+    _log(ctx, config, f"soft targets of the {len(train_split)} training clips from {', '.join(config.teacher_bundles)} "
+         f"({time.perf_counter() - tick:.0f} s)")
+    return soft
 
 
 @dataclasses.dataclass
@@ -602,12 +631,12 @@ def _build(config: TrainConfig, ctx: DistContext, data: _RunData) -> _Parts:
     if autocast_dtype:
         _log(ctx, config, f"autocast {str(autocast_dtype).replace('torch.', '')}")
     distiller = None
-    if config.teachers:
+    if config.teachers or config.teacher_bundles:
         teachers = load_teachers(config.teachers, data.labels, spec, device)
         if channels_last:
             teachers = [teacher.to(memory_format=torch.channels_last) for teacher in teachers]
         distiller = Distiller(teachers, config.distill_weight, config.distill_temperature)
-        _log(ctx, config, f"distilling from {', '.join(config.teachers)} "
+        _log(ctx, config, f"distilling from {', '.join(config.teachers or config.teacher_bundles)} "
              f"(weight {config.distill_weight:g}, temperature {config.distill_temperature:g})")
     average = None
     if config.average_epochs is not None:
@@ -806,7 +835,8 @@ def train_epoch(net, frontend, batches, optimizer, scheduler, scaler, criterion,
                 channels_last: bool = False, distiller: Optional[Distiller] = None,
                 average: Optional[WeightAverage] = None, mixup: Optional[Mixup] = None, desc: str = "",
                 progress: bool = False):
-    """One pass of optimizer steps over ``batches`` of ``(audio (B, samples), targets (B,))``.
+    """One pass of optimizer steps over ``batches`` of ``(audio (B, samples), targets (B,))``, or of
+    ``(audio, targets, soft targets (B, classes))`` when a ``distiller`` without teachers learns from stored ones.
 
     The front end (augmentation, log-mel) runs without gradients, the model under autocast
     when ``autocast_dtype`` is given, the loss in float32; the scheduler steps per batch.
@@ -830,7 +860,7 @@ def train_epoch(net, frontend, batches, optimizer, scheduler, scaler, criterion,
         bar = tqdm(total=len(batches), desc=desc, unit="batch", leave=False)
     amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     try:
-        for step, (audio, targets) in enumerate(batches):
+        for step, (audio, targets, *stored) in enumerate(batches):
             with torch.no_grad():
                 x = frontend(audio)
                 if mixup is not None:
@@ -839,7 +869,7 @@ def train_epoch(net, frontend, batches, optimizer, scheduler, scaler, criterion,
                 x = x.contiguous(memory_format=torch.channels_last)
             with amp():
                 logits = net(x)
-                soft = distiller.soft_targets(x) if distiller is not None else None
+                soft = None if distiller is None else stored[0] if stored else distiller.soft_targets(x)
             if mixup is not None:
                 loss = mixup.loss(criterion, logits.float(), targets, partners, weight)
             else:

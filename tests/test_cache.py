@@ -151,6 +151,20 @@ def test_batches_are_aligned_shuffled_by_seed_and_epoch(cached):
     assert [len(t) for t in plain] == [5, 5, 5] and list(np.concatenate(plain)) == list(range(15))
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_rows_travel_with_their_examples(cached, prefetch):
+    rows = np.stack([np.arange(len(cached)), -np.arange(len(cached))], axis=1) * 0.5
+    loader = BatchLoader(cached, 4, shuffle=True, seed=1, device=DEVICE, prefetch=prefetch, rows=rows)
+    seen = []
+    for audio, target, row in loader:
+        assert row.device.type == DEVICE.type and row.dtype == torch.float32 and row.shape == (len(target), 2)
+        np.testing.assert_array_equal(row.cpu().numpy(), rows[tag_of(audio.cpu().numpy())])
+        seen += list(row[:, 0].cpu().numpy())
+    assert sorted(seen) == list(np.arange(len(cached)) * 0.5)
+    with pytest.raises(ValueError, match="one entry per example"):
+        BatchLoader(cached, 4, rows=rows[:-1])
+
+
 def test_balanced_sampling_evens_out_the_classes(cached):
     counts = cached.counts()
     assert list(counts) == [12, 4, 2]

@@ -1,15 +1,19 @@
 """Knowledge distillation: the loss, the frozen teachers, the checks, and a run with a teacher."""
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kws_runtime import Predictor
 from kws_runtime.spec import FeatureSpec
+from kws_train.cache import CachedSplit
 from kws_train.checkpoint import load_checkpoint, save_checkpoint
-from kws_train.distill import DistillError, Distiller, distillation_loss, load_teachers
+from kws_train.distill import DistillError, Distiller, bundle_soft_targets, distillation_loss, load_teachers, soften
 from kws_train.models import build_model
 from kws_train.recipe import TASK_LABELS
 from kws_train.trainer import TrainError, train
@@ -17,6 +21,8 @@ from kws_train.trainer import TrainError, train
 from test_trainer import tiny_config, tiny_data  # noqa: F401  (the fixture)
 
 LABELS = list(TASK_LABELS["12"])
+PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
+TEACHERS = [PRETRAINED / "bc-resnet-3", PRETRAINED / "shufflenet-v2-0.5x"]
 
 
 def test_loss_is_zero_at_the_teachers_probabilities_and_keeps_its_scale():
@@ -83,3 +89,64 @@ def test_a_missing_teacher_fails_before_the_data_is_read(tiny_data, tmp_path):  
         train(tiny_config(tiny_data, tmp_path / "run", teachers=[str(tmp_path / "nope.pt")],
                           cache_dir=str(tmp_path / "cache")))
     assert not (tmp_path / "cache").exists()
+
+
+def _split(n: int = 6, labels=LABELS) -> CachedSplit:
+    """Clips of tones and noise with a word-like envelope, as a training cache would hold them."""
+    rng = np.random.default_rng(7)
+    t = np.arange(16000) / 16000
+    envelope = np.exp(-(((t - 0.5) / 0.15) ** 2))
+    audio = [(0.3 * envelope * np.sin(2 * np.pi * (200 + 150 * i) * t) + 0.01 * rng.standard_normal(16000))
+             for i in range(n)]
+    audio = np.round(np.stack(audio) * 32767).astype(np.int16)
+    return CachedSplit(Path("cache"), audio, np.arange(n) % len(labels), tuple(labels), "0" * 16, 16000)
+
+
+def test_soften_divides_the_logits_by_the_temperature():
+    logits = np.random.default_rng(0).normal(size=(4, 12)) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert np.allclose(soften(probs, 1.0), probs, atol=1e-9)
+    expected = F.softmax(torch.from_numpy(logits) / 4.0, dim=1).numpy()
+    assert np.allclose(soften(probs, 4.0), expected, atol=1e-9)
+    assert np.allclose(soften(np.eye(12)[:2], 2.0).sum(axis=1), 1.0)  # zeros stay finite
+
+
+def test_bundle_soft_targets_are_the_bundles_own_predictions_averaged():
+    split, spec = _split(), FeatureSpec.preset("fine")
+    one = bundle_soft_targets(TEACHERS[:1], split, spec, temperature=1.0, batch_size=4)
+    predicted = Predictor(TEACHERS[0], artifact="onnx_fp32").probabilities(split.waveforms(np.arange(len(split))))
+    assert one.shape == (len(split), len(LABELS)) and one.dtype == np.float32
+    assert np.allclose(one, predicted, atol=1e-5)
+    both = bundle_soft_targets(TEACHERS, split, spec, temperature=2.0)
+    each = [Predictor(b, artifact="onnx_fp32").probabilities(split.waveforms(np.arange(len(split)))) for b in TEACHERS]
+    assert np.allclose(both, (soften(each[0], 2.0) + soften(each[1], 2.0)) / 2, atol=1e-5)
+    assert not np.allclose(both, one, atol=1e-2)
+
+
+def test_a_bundle_of_another_task_or_other_features_cannot_teach(tmp_path):
+    with pytest.raises(DistillError, match=r"bc-resnet-3: its labels .* are not this run's"):
+        bundle_soft_targets(TEACHERS[:1], _split(labels=LABELS[:-1] + ["other"]), FeatureSpec.preset("fine"), 2.0)
+    with pytest.raises(DistillError, match=r"bc-resnet-3: trained on other features \(40x101.*\(40x32"):
+        bundle_soft_targets(TEACHERS[:1], _split(), FeatureSpec.preset("librosa"), 2.0)
+    with pytest.raises(DistillError, match="teacher bundle: .*nothing"):
+        bundle_soft_targets([tmp_path / "nothing"], _split(), FeatureSpec.preset("fine"), 2.0)
+
+
+def test_a_run_learns_from_teacher_bundles(tiny_data, tmp_path):  # noqa: F811
+    settings = dict(architecture="bc_resnet_1", variant="default", features="fine", epochs=1, seed=5)
+    plain = train(tiny_config(tiny_data, tmp_path / "plain", **settings))
+    student = train(tiny_config(tiny_data, tmp_path / "student", teacher_bundles=[str(b) for b in TEACHERS],
+                                distill_weight=1.0, **settings))
+    assert load_checkpoint(student.last_path).config["teacher_bundles"] == [str(b) for b in TEACHERS]
+    a, b = plain.model.state_dict(), student.model.state_dict()
+    assert any(not torch.equal(a[name], b[name]) for name in a)
+
+
+def test_teacher_bundles_are_checked_before_the_data_is_read(tiny_data, tmp_path):  # noqa: F811
+    with pytest.raises(TrainError, match=r"teacher bundle: .*nope"):
+        train(tiny_config(tiny_data, tmp_path / "run", teacher_bundles=[str(tmp_path / "nope")],
+                          cache_dir=str(tmp_path / "cache")))
+    assert not (tmp_path / "cache").exists()
+    for clash in (dict(teachers=["t.pt"]), dict(mixup=0.2)):
+        with pytest.raises(ValueError, match="teacher_bundles"):
+            tiny_config(tiny_data, tmp_path / "run", teacher_bundles=[str(TEACHERS[0])], **clash)
