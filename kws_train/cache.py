@@ -290,9 +290,9 @@ class BatchLoader:
     """Batches of raw audio from a `CachedSplit`, on the device, ready for the front end.
 
     Yields ``(audio, targets)``: float32 ``(B, clip_samples)`` in [-1, 1) and int64 ``(B,)``
-    on ``device``; with ``rows``, ``(audio, targets, rows)``, the batch's rows as float32. Rows are gathered from the memory map in a background thread (pinned
-    when the device is CUDA) and sent as int16, half the bytes of float32; the scaling to
-    float runs on the device.
+    on ``device``; with ``rows``, ``(audio, targets, rows)``, the batch's rows as float32.
+    Clips are gathered from the memory map in a background thread (pinned when the device is
+    CUDA) and sent as int16, half the bytes of float32; the scaling to float runs on the device.
 
     Order: with ``sample_weights`` (an array, or ``"balanced"`` for `balanced_weights`),
     ``num_samples`` indices are drawn with replacement in proportion to the weights; else

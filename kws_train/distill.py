@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kws_runtime.bundle import BundleError
 from kws_runtime.features import log_mel
 from kws_runtime.spec import FeatureSpec
 
@@ -77,7 +78,7 @@ class Distiller(nn.Module):
     def soft_targets(self, features: torch.Tensor) -> torch.Tensor:
         """The teachers' mean probabilities at temperature ``T``: (batch, classes), float32."""
         if not self.teachers:
-            raise DistillError("this distiller has no teachers to score features: its soft targets come with the batches")
+            raise DistillError("this distiller has no teachers: its soft targets come with each batch")
         probs = [F.softmax(teacher(features).float() / self.temperature, dim=1) for teacher in self.teachers]
         return torch.stack(probs).mean(dim=0)
 
@@ -131,8 +132,7 @@ def bundle_soft_targets(bundles: Sequence, split: CachedSplit, spec: FeatureSpec
     Raises:
         DistillError: a bundle that cannot be read or run, or has other labels or features.
     """
-    from kws_runtime.bundle import BundleError
-    from kws_runtime.predict import Predictor
+    from kws_runtime.predict import Predictor  # onnxruntime: only runs with teacher bundles load it
 
     predictors = []
     for path in bundles:
@@ -146,9 +146,10 @@ def bundle_soft_targets(bundles: Sequence, split: CachedSplit, spec: FeatureSpec
     for start in range(0, len(split), batch_size):
         features = log_mel(split.waveforms(np.arange(start, min(start + batch_size, len(split)))), spec)
         try:
-            rows.append(np.mean([soften(p.probabilities_of_features(features), temperature) for p in predictors], axis=0))
+            probs = [soften(p.probabilities_of_features(features), temperature) for p in predictors]
         except BundleError as error:
             raise DistillError(f"teacher bundle: {error}") from None
+        rows.append(np.mean(probs, axis=0))
     return np.concatenate(rows).astype(np.float32)
 
 
