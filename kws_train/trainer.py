@@ -476,8 +476,8 @@ def _prepare(config: TrainConfig, ctx: DistContext) -> Optional[tuple]:
         if not Path(teacher).is_file():
             raise TrainError(f"teacher {teacher}: no such checkpoint file")
     for bundle in config.teacher_bundles:
-        try:
-            load_bundle(bundle)
+        try:  # the manifest only: the files are hashed once, when the bundle scores the clips
+            load_bundle(bundle, verify=False)
         except BundleError as error:
             raise TrainError(f"teacher bundle: {error}") from None
     resume = _load_resume_state(config)

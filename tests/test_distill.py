@@ -79,9 +79,13 @@ def test_a_run_with_a_teacher_stores_it_and_trains_differently(tiny_data, tmp_pa
                                 distill_weight=1.0, distill_temperature=3.0))
     stored = load_checkpoint(student.last_path).config
     assert stored["teachers"] == [str(teacher.best_path)] and stored["distill_weight"] == 1.0
-    # same seed, same batches: only the loss differs, so the weights do
+    assert _weights_differ(plain, student)
+
+
+def _weights_differ(plain, student) -> bool:
+    # same seed, same batches: only the loss differs, so the weights must
     a, b = plain.model.state_dict(), student.model.state_dict()
-    assert any(not torch.equal(a[name], b[name]) for name in a)
+    return any(not torch.equal(a[name], b[name]) for name in a)
 
 
 def test_a_missing_teacher_fails_before_the_data_is_read(tiny_data, tmp_path):  # noqa: F811
@@ -138,8 +142,7 @@ def test_a_run_learns_from_teacher_bundles(tiny_data, tmp_path):  # noqa: F811
     student = train(tiny_config(tiny_data, tmp_path / "student", teacher_bundles=[str(b) for b in TEACHERS],
                                 distill_weight=1.0, **settings))
     assert load_checkpoint(student.last_path).config["teacher_bundles"] == [str(b) for b in TEACHERS]
-    a, b = plain.model.state_dict(), student.model.state_dict()
-    assert any(not torch.equal(a[name], b[name]) for name in a)
+    assert _weights_differ(plain, student)
 
 
 def test_teacher_bundles_are_checked_before_the_data_is_read(tiny_data, tmp_path):  # noqa: F811
