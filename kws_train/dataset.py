@@ -406,29 +406,15 @@ def describe_dataset(root, progress: bool = False, max_seconds: float = 1.0) -> 
         ``max_seconds``, all-zero audio, names without ``_nohash_``, a speaker in several
         splits, list entries with no file or in both lists.
     """
-    import soundfile
     from tqdm import tqdm
 
     root = _check_root(root)
     clips = index_dataset(root)
-    problems = []
     has_lists = (root / "validation_list.txt").is_file()
-    listed = {}
-    if has_lists:
-        for name in ("validation", "testing"):
-            for rel in read_list(root / f"{name}_list.txt"):
-                if rel in listed:
-                    problems.append({"path": rel, "problem": f"listed in both {listed[rel]}_list.txt and {name}_list.txt"})
-                listed[rel] = name
-                if not (root / rel).is_file():
-                    problems.append({"path": rel, "problem": f"in {name}_list.txt but the file does not exist"})
-
+    problems = _list_problems(root) if has_lists else []
     words: dict = collections.defaultdict(lambda: {s: 0 for s in SPLITS})
     speakers: dict = collections.defaultdict(set)
-    rates: collections.Counter = collections.Counter()
-    channels: collections.Counter = collections.Counter()
-    durations = []
-    short = 0
+    formats = []
     for clip in tqdm(clips, unit=" clips", desc="checking", disable=not progress, leave=False):
         rel = clip.path.relative_to(root).as_posix()
         words[clip.word][clip.split] += 1
@@ -436,39 +422,13 @@ def describe_dataset(root, progress: bool = False, max_seconds: float = 1.0) -> 
             speakers[clip.speaker].add(clip.split)
             if NOHASH not in clip.path.name:
                 problems.append({"path": rel, "problem": "name has no _nohash_: cannot tell its speaker"})
-        try:
-            info = soundfile.info(str(clip.path))
-            audio = read_audio(clip.path, info.samplerate, max_seconds=_NOISE_MAX_SECONDS)
-        except (AudioError, soundfile.SoundFileError, RuntimeError) as exc:
-            reason = exc.reason if isinstance(exc, AudioError) else str(exc)
-            problems.append({"path": rel, "problem": f"unreadable: {reason}"})
-            continue
-        rates[info.samplerate] += 1
-        channels[info.channels] += 1
-        seconds = info.frames / info.samplerate
-        durations.append(seconds)
-        if info.samplerate != 16000:
-            problems.append({"path": rel, "problem": f"sample rate {info.samplerate} Hz, expected 16000"})
-        if info.channels != 1:
-            problems.append({"path": rel, "problem": f"{info.channels} channels, expected mono"})
-        if seconds > max_seconds + 1e-9:
-            problems.append({"path": rel, "problem": f"{seconds:.3f} s long, over {max_seconds:g} s"})
-        elif seconds < max_seconds - 1e-9:
-            short += 1
-        if not np.any(audio):
-            problems.append({"path": rel, "problem": "digital silence (all samples are zero)"})
-    for speaker, splits in sorted(speakers.items()):
-        if len(splits) > 1:
-            problems.append({"path": speaker, "problem": f"speaker appears in several splits: {', '.join(sorted(splits))}"})
-
-    noise = []
-    for path in noise_files(root / BACKGROUND_NOISE) if (root / BACKGROUND_NOISE).is_dir() else []:
-        try:
-            info = soundfile.info(str(path))
-            noise.append({"file": path.name, "seconds": round(info.frames / info.samplerate, 2), "sample_rate": info.samplerate})
-        except (soundfile.SoundFileError, RuntimeError) as exc:
-            problems.append({"path": path.relative_to(root).as_posix(), "problem": f"unreadable: {exc}"})
-
+        found, info = _clip_problems(clip.path, max_seconds)
+        problems += [{"path": rel, "problem": problem} for problem in found]
+        if info is not None:
+            formats.append(info)
+    problems += [{"path": speaker, "problem": f"speaker appears in several splits: {', '.join(sorted(splits))}"}
+                 for speaker, splits in sorted(speakers.items()) if len(splits) > 1]
+    noise = _describe_noise(root, problems)
     split_counts = collections.Counter(c.split for c in clips)
     return {
         "root": str(root),
@@ -477,17 +437,76 @@ def describe_dataset(root, progress: bool = False, max_seconds: float = 1.0) -> 
         "splits": {s: split_counts.get(s, 0) for s in SPLITS},
         "words": {w: words[w] for w in sorted(words)},
         "speakers": {"total": len(speakers), **{s: sum(1 for v in speakers.values() if s in v) for s in SPLITS}},
-        "duration_s": {
-            "min": round(min(durations), 4) if durations else None,
-            "mean": round(float(np.mean(durations)), 4) if durations else None,
-            "max": round(max(durations), 4) if durations else None,
-        },
-        "short_clips": short,
-        "sample_rates": {str(k): v for k, v in sorted(rates.items())},
-        "channels": {str(k): v for k, v in sorted(channels.items())},
+        **_format_summary(formats, max_seconds),
         "background_noise": noise,
         "problems": problems,
     }
+
+
+def _list_problems(root: Path) -> list:
+    """Entries of ``validation_list.txt`` / ``testing_list.txt`` with no file or in both lists."""
+    problems, listed = [], {}
+    for name in ("validation", "testing"):
+        for rel in read_list(root / f"{name}_list.txt"):
+            if rel in listed:
+                problems.append({"path": rel, "problem": f"listed in both {listed[rel]}_list.txt and {name}_list.txt"})
+            listed[rel] = name
+            if not (root / rel).is_file():
+                problems.append({"path": rel, "problem": f"in {name}_list.txt but the file does not exist"})
+    return problems
+
+
+def _clip_problems(path: Path, max_seconds: float):
+    """What is wrong with one clip, and its soundfile info (None when it cannot be read)."""
+    import soundfile
+
+    try:
+        info = soundfile.info(str(path))
+        audio = read_audio(path, info.samplerate, max_seconds=_NOISE_MAX_SECONDS)
+    except (AudioError, soundfile.SoundFileError, RuntimeError) as exc:
+        return [f"unreadable: {exc.reason if isinstance(exc, AudioError) else exc}"], None
+    problems = []
+    seconds = info.frames / info.samplerate
+    if info.samplerate != 16000:
+        problems.append(f"sample rate {info.samplerate} Hz, expected 16000")
+    if info.channels != 1:
+        problems.append(f"{info.channels} channels, expected mono")
+    if seconds > max_seconds + 1e-9:
+        problems.append(f"{seconds:.3f} s long, over {max_seconds:g} s")
+    if not np.any(audio):
+        problems.append("digital silence (all samples are zero)")
+    return problems, info
+
+
+def _format_summary(infos: Sequence, max_seconds: float) -> dict:
+    """Durations, sample rates and channel counts of the readable clips (soundfile infos)."""
+    durations = [info.frames / info.samplerate for info in infos]
+
+    def rounded(value):
+        return round(float(value), 4) if durations else None
+
+    return {
+        "duration_s": {"min": rounded(min(durations, default=0)), "mean": rounded(np.mean(durations) if durations else 0),
+                       "max": rounded(max(durations, default=0))},
+        "short_clips": sum(1 for seconds in durations if seconds < max_seconds - 1e-9),
+        "sample_rates": {str(k): v for k, v in sorted(collections.Counter(i.samplerate for i in infos).items())},
+        "channels": {str(k): v for k, v in sorted(collections.Counter(i.channels for i in infos).items())},
+    }
+
+
+def _describe_noise(root: Path, problems: list) -> list:
+    """``{"file", "seconds", "sample_rate"}`` of each background-noise file; unreadable ones join ``problems``."""
+    import soundfile
+
+    folder = root / BACKGROUND_NOISE
+    noise = []
+    for path in noise_files(folder) if folder.is_dir() else []:
+        try:
+            info = soundfile.info(str(path))
+            noise.append({"file": path.name, "seconds": round(info.frames / info.samplerate, 2), "sample_rate": info.samplerate})
+        except (soundfile.SoundFileError, RuntimeError) as exc:
+            problems.append({"path": path.relative_to(root).as_posix(), "problem": f"unreadable: {exc}"})
+    return noise
 
 
 def _check_root(root) -> Path:
