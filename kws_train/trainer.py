@@ -216,9 +216,14 @@ class TrainConfig:
     quiet: bool = False
 
     def __post_init__(self):
-        def bad(field, why):
-            raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}: {why}")
+        self._resolve_names_and_defaults()
+        self._check_numbers()
+        self._check_choices()
 
+    def _bad(self, field, why):
+        raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}: {why}")
+
+    def _resolve_names_and_defaults(self):
         try:
             self.architecture = canonical_architecture(self.architecture)
         except ValueError as error:
@@ -240,10 +245,9 @@ class TrainConfig:
             self.features = canonical_preset(self.features)  # SpecError (a ValueError) names the presets
         except ValueError as error:
             raise ValueError(f"TrainConfig: {error}") from None
-        if self.variant not in model_variants(self.architecture):
-            bad("variant", f"{self.architecture} comes in {', '.join(model_variants(self.architecture))} only")
-        if self.task not in TASKS:
-            bad("task", f"choose one of {', '.join(TASKS)}")
+
+    def _check_numbers(self):
+        bad = self._bad
         for field in ("epochs", "batch_size", "eval_batch_size", "workers"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -252,8 +256,6 @@ class TrainConfig:
             bad("threads", "must be a positive integer or None")
         if self.stop_after_epochs is not None and (not isinstance(self.stop_after_epochs, int) or self.stop_after_epochs < 1):
             bad("stop_after_epochs", "must be a positive integer or None")
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
         if self.optimizer in OPTIMIZERS and not (self.lr > 0 and math.isfinite(self.lr)):
             bad("lr", "must be a positive number")
         for field in ("weight_decay", "warmup_epochs", "momentum"):
@@ -271,6 +273,15 @@ class TrainConfig:
             bad("average_epochs", "must be a positive number of epochs or None")
         if not (self.mixup >= 0 and math.isfinite(self.mixup)):
             bad("mixup", "must be 0 (off) or a positive alpha")
+
+    def _check_choices(self):
+        bad = self._bad
+        if self.variant not in model_variants(self.architecture):
+            bad("variant", f"{self.architecture} comes in {', '.join(model_variants(self.architecture))} only")
+        if self.task not in TASKS:
+            bad("task", f"choose one of {', '.join(TASKS)}")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
         if self.teacher_bundles and self.teachers:
             bad("teacher_bundles", "distil from checkpoints (teachers) or from bundles, not both in one run")
         if self.teacher_bundles and self.mixup > 0:
