@@ -27,7 +27,7 @@ import hashlib
 import json
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from .cpu import int8_pairs_saturate
 from .files import os_error_reason, write_text_atomic
@@ -327,43 +327,14 @@ def _parse_artifact(name: str, entry: Any, spec: FeatureSpec, n_labels: int, fol
     if not isinstance(entry, dict):
         bad(field, f"must be an object, got {entry!r}")
 
-    file = entry.get("file")
-    if not isinstance(file, str) or not file:
-        bad(f"{field}.file", f"must be a file name, got {file!r}")
-    relative = PurePosixPath(file.replace("\\", "/"))
-    if relative.is_absolute() or ".." in relative.parts or re.match(r"^[A-Za-z]:", file):
-        bad(f"{field}.file", f"{file!r} points outside the bundle folder", "refusing to read it; " + _REEXPORT)
-    path = (folder / Path(*relative.parts)).absolute()
-
+    file, path = _artifact_file(entry, field, folder, bad)
     choices = {"format": ARTIFACT_FORMATS, "precision": PRECISIONS}
     for key, allowed in choices.items():
         if entry.get(key) not in allowed:
             bad(f"{field}.{key}", f"is {entry.get(key)!r}, expected one of {', '.join(allowed)}")
-
-    ports = {}
-    for port, kinds in (("input", INPUT_KINDS), ("output", OUTPUT_KINDS)):
-        value = _object(entry, port, bad, f"{field}.{port}")
-        if not isinstance(value.get("name"), str) or not value["name"]:
-            bad(f"{field}.{port}.name", f"must be a non-empty string, got {value.get('name')!r}")
-        if value.get("kind") not in kinds:
-            bad(f"{field}.{port}.kind", f"is {value.get('kind')!r}, expected one of {', '.join(kinds)}")
-        shape = value.get("shape")
-        if not isinstance(shape, list) or not all(_is_dim(d) for d in shape):
-            bad(f"{field}.{port}.shape", f"must be a list of sizes or dimension names, got {shape!r}")
-        ports[port] = value
-
-    # The shapes must agree with the feature spec and the labels: a bundle whose parts do not
-    # fit together would otherwise fail at the first prediction, or worse, mislabel.
-    expected_in = [1, spec.n_mels, spec.n_frames] if ports["input"]["kind"] == "log_mel" else [spec.clip_samples]
-    actual_in = ports["input"]["shape"][1:]
-    if len(actual_in) != len(expected_in) or any(isinstance(a, int) and a != e for a, e in zip(actual_in, expected_in)):
-        bad(
-            f"{field}.input.shape",
-            f"{ports['input']['shape']} does not fit the feature spec (expected [batch, {', '.join(map(str, expected_in))}])",
-        )
-    out_shape = ports["output"]["shape"]
-    if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != n_labels):
-        bad(f"{field}.output.shape", f"{out_shape} does not fit the {n_labels} labels (expected [batch, {n_labels}])")
+    ports = {port: _parse_port(entry, field, port, kinds, bad)
+             for port, kinds in (("input", INPUT_KINDS), ("output", OUTPUT_KINDS))}
+    _check_shapes(ports, field, spec, n_labels, bad)
 
     sha = entry.get("sha256")
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
@@ -393,6 +364,45 @@ def _parse_artifact(name: str, entry: Any, spec: FeatureSpec, n_labels: int, fol
         notes=dict(entry.get("notes", {})),
         root=folder.absolute(),
     )
+
+
+def _artifact_file(entry: dict, field: str, folder: Path, bad):
+    """The artifact's file name as written and its path, which must stay inside the bundle folder."""
+    file = entry.get("file")
+    if not isinstance(file, str) or not file:
+        bad(f"{field}.file", f"must be a file name, got {file!r}")
+    relative = PurePosixPath(file.replace("\\", "/"))
+    if relative.is_absolute() or ".." in relative.parts or re.match(r"^[A-Za-z]:", file):
+        bad(f"{field}.file", f"{file!r} points outside the bundle folder", "refusing to read it; " + _REEXPORT)
+    return file, (folder / Path(*relative.parts)).absolute()
+
+
+def _parse_port(entry: dict, field: str, port: str, kinds: Sequence[str], bad) -> dict:
+    """The artifact's ``input`` or ``output`` object: a name, a kind and a shape."""
+    value = _object(entry, port, bad, f"{field}.{port}")
+    if not isinstance(value.get("name"), str) or not value["name"]:
+        bad(f"{field}.{port}.name", f"must be a non-empty string, got {value.get('name')!r}")
+    if value.get("kind") not in kinds:
+        bad(f"{field}.{port}.kind", f"is {value.get('kind')!r}, expected one of {', '.join(kinds)}")
+    shape = value.get("shape")
+    if not isinstance(shape, list) or not all(_is_dim(d) for d in shape):
+        bad(f"{field}.{port}.shape", f"must be a list of sizes or dimension names, got {shape!r}")
+    return value
+
+
+def _check_shapes(ports: dict, field: str, spec: FeatureSpec, n_labels: int, bad) -> None:
+    # The shapes must agree with the feature spec and the labels: a bundle whose parts do not
+    # fit together would otherwise fail at the first prediction, or worse, mislabel.
+    expected_in = [1, spec.n_mels, spec.n_frames] if ports["input"]["kind"] == "log_mel" else [spec.clip_samples]
+    actual_in = ports["input"]["shape"][1:]
+    if len(actual_in) != len(expected_in) or any(isinstance(a, int) and a != e for a, e in zip(actual_in, expected_in)):
+        bad(
+            f"{field}.input.shape",
+            f"{ports['input']['shape']} does not fit the feature spec (expected [batch, {', '.join(map(str, expected_in))}])",
+        )
+    out_shape = ports["output"]["shape"]
+    if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != n_labels):
+        bad(f"{field}.output.shape", f"{out_shape} does not fit the {n_labels} labels (expected [batch, {n_labels}])")
 
 
 def _is_dim(d) -> bool:
