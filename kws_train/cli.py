@@ -35,7 +35,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
     from .dataset import TASKS
     from .models import ALIASES, ARCHITECTURES, VARIANT_NAMES
-    from .trainer import AMP_MODES, BALANCING, OPTIMIZERS, SCHEDULES, SGD_LR, TrainConfig
+    from .config import AMP_MODES, BALANCING, OPTIMIZERS, SCHEDULES, SGD_LR, TrainConfig
 
     default = TrainConfig.__dataclass_fields__
     model = default["architecture"].default
@@ -228,8 +228,9 @@ def _augment_options(args) -> dict:
 
 
 def _run_train(args) -> int:
+    from .config import TrainConfig
     from .models import canonical_architecture
-    from .trainer import TrainConfig, default_weights_path, train
+    from .trainer import default_weights_path, train
 
     if not args.data:
         raise CliError("-t needs -d DATA, a Speech Commands folder")

@@ -20,7 +20,8 @@ WORKER = textwrap.dedent(
     import hashlib, json, os, sys
     import torch
     from kws_train.models import build_model
-    from kws_train.trainer import TrainConfig, train
+    from kws_train.config import TrainConfig
+    from kws_train.trainer import train
 
     data, base = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])

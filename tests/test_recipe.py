@@ -7,7 +7,7 @@ import pytest
 from kws_runtime import FeatureSpec
 from kws_train import dataset as ds
 from kws_train.recipe import RecipeError, RunRecipe, SplitRule, recipe_from_config, task_of_labels
-from kws_train.trainer import TrainConfig
+from kws_train.config import TrainConfig
 
 
 def test_recipe_round_trips_through_json():

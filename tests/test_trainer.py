@@ -18,9 +18,8 @@ from kws_runtime.files import WriteError, current_umask
 from kws_train.checkpoint import load_checkpoint
 from kws_train.dataset import LABELS_12
 from kws_train.evaluate import EvalResult, confusion_matrix, evaluate_checkpoint, format_report, predict_files
-from kws_train.trainer import (
-    SCHEDULES, SGD_LR, TrainConfig, TrainError, _class_weights, default_weights_path, train, warmup_cosine,
-)
+from kws_train.config import SCHEDULES, SGD_LR, TrainConfig
+from kws_train.trainer import TrainError, _class_weights, default_weights_path, train, warmup_cosine
 
 from filesystems import small_disk
 from tiny_dataset import SALT, make_tiny_dataset

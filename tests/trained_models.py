@@ -12,7 +12,7 @@ from kws_runtime import FeatureSpec, log_mel
 from kws_train.checkpoint import save_checkpoint
 from kws_train.dataset import build_task, index_dataset, load_example, split_by_speaker
 from kws_train.models import build_model
-from kws_train.trainer import TrainConfig
+from kws_train.config import TrainConfig
 
 SPEC = FeatureSpec()  # 40 x 32: the cheapest features
 SALT = ""

@@ -209,7 +209,7 @@ def _speed_bundle(architecture: str, data: Path, folder: Path) -> Path:
     from kws_train.checkpoint import save_checkpoint
     from kws_train.models import build_model
     from kws_train.recipe import TASK_LABELS
-    from kws_train.trainer import TrainConfig
+    from kws_train.config import TrainConfig
 
     spec, labels = FeatureSpec.preset("fine"), list(TASK_LABELS["12"])
     model = build_model(architecture, len(labels)).train()

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kws_runtime.spec import PRESETS, canonical_preset  # noqa: E402
 from kws_train.models import ARCHITECTURES, canonical_architecture, canonical_variant, model_variants  # noqa: E402
-from kws_train.trainer import TrainConfig, train  # noqa: E402
+from kws_train.config import TrainConfig  # noqa: E402
+from kws_train.trainer import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "speech_commands_real"
