@@ -481,13 +481,9 @@ def _clip_problems(path: Path, max_seconds: float):
 def _format_summary(infos: Sequence, max_seconds: float) -> dict:
     """Durations, sample rates and channel counts of the readable clips (soundfile infos)."""
     durations = [info.frames / info.samplerate for info in infos]
-
-    def rounded(value):
-        return round(float(value), 4) if durations else None
-
+    stats = {"min": min, "mean": lambda d: float(np.mean(d)), "max": max}
     return {
-        "duration_s": {"min": rounded(min(durations, default=0)), "mean": rounded(np.mean(durations) if durations else 0),
-                       "max": rounded(max(durations, default=0))},
+        "duration_s": {name: round(stat(durations), 4) if durations else None for name, stat in stats.items()},
         "short_clips": sum(1 for seconds in durations if seconds < max_seconds - 1e-9),
         "sample_rates": {str(k): v for k, v in sorted(collections.Counter(i.samplerate for i in infos).items())},
         "channels": {str(k): v for k, v in sorted(collections.Counter(i.channels for i in infos).items())},
