@@ -65,7 +65,8 @@ class TrainConfig:
     Attributes:
         data: Speech Commands root (`kws_train.dataset.index_dataset`).
         out: folder for checkpoints, metrics and figures (created).
-        architecture: ``resnet18``, ``mobilenet_v2``, ``shufflenet_v2_x0_5`` or an alias.
+        architecture: a `kws_train.models` name (``resnet18``, ``mobilenet_v2``, ``bc_resnet_3``, ...)
+            or an alias (``shufflenet``, ``bcresnet3``).
         variant: ``"default"`` or ``"imagenet"`` (`kws_train.models`; ``"seed"`` is accepted).
         task: ``"12"`` or ``"35"``.
         features: feature preset name (`kws_runtime.FeatureSpec.preset`; ``"seed"`` is accepted).
