@@ -33,9 +33,9 @@ def _train_parser() -> argparse.ArgumentParser:
     # Defaults and choices come from the library's dataclasses and constants, never restated.
     from kws_runtime.spec import PRESET_ALIASES, PRESETS
 
+    from .config import AMP_MODES, BALANCING, OPTIMIZERS, SCHEDULES, SGD_LR, TrainConfig
     from .dataset import TASKS
     from .models import ALIASES, ARCHITECTURES, VARIANT_NAMES
-    from .config import AMP_MODES, BALANCING, OPTIMIZERS, SCHEDULES, SGD_LR, TrainConfig
 
     default = TrainConfig.__dataclass_fields__
     model = default["architecture"].default
