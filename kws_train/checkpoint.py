@@ -218,34 +218,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Checkpoint:
             unknown architecture or variant, bad feature spec, or weights that do not match.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path}: not a kws checkpoint: it holds Python objects that weights-only loading refuses "
-            "(only files written by save_checkpoint are accepted)"
-        ) from None
-    except Exception as error:  # foreign files surface as KeyError, EOFError, RuntimeError, ...
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint ({type(error).__name__}); "
-            "expected a file written by save_checkpoint"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a kws checkpoint (no \"format\": \"{FORMAT}\" entry)")
-    version = payload.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format version {version!r} is not supported (this version reads {FORMAT_VERSION})"
-        )
-    fields = {
-        "architecture": str, "variant": str, "labels": list, "feature_spec": dict,
-        "config": dict, "extra": dict, "state_dict": dict,
-    }
-    for name, kind in fields.items():
-        if not isinstance(payload.get(name), kind):
-            raise CheckpointError(f"{path}: field {name!r} is missing or not a {kind.__name__}")
+    payload = _read_payload(path, map_location)
     labels = payload["labels"]
     if not labels or not all(isinstance(label, str) for label in labels):
         raise CheckpointError(f"{path}: labels must be a non-empty list of strings")
@@ -275,6 +248,39 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Checkpoint:
         extra=payload["extra"],
         path=path,
     )
+
+
+def _read_payload(path: Path, map_location: Any) -> dict:
+    """The checkpoint's dict, checked to be a kws checkpoint of this format with every field present."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: not a kws checkpoint: it holds Python objects that weights-only loading refuses "
+            "(only files written by save_checkpoint are accepted)"
+        ) from None
+    except Exception as error:  # foreign files surface as KeyError, EOFError, RuntimeError, ...
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint ({type(error).__name__}); "
+            "expected a file written by save_checkpoint"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a kws checkpoint (no \"format\": \"{FORMAT}\" entry)")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r} is not supported (this version reads {FORMAT_VERSION})"
+        )
+    fields = {
+        "architecture": str, "variant": str, "labels": list, "feature_spec": dict,
+        "config": dict, "extra": dict, "state_dict": dict,
+    }
+    for name, kind in fields.items():
+        if not isinstance(payload.get(name), kind):
+            raise CheckpointError(f"{path}: field {name!r} is missing or not a {kind.__name__}")
+    return payload
 
 
 # ------------------------------------------------------------------------------ resume state
