@@ -428,7 +428,8 @@ def describe_dataset(root, progress: bool = False, max_seconds: float = 1.0) -> 
             formats.append(info)
     problems += [{"path": speaker, "problem": f"speaker appears in several splits: {', '.join(sorted(splits))}"}
                  for speaker, splits in sorted(speakers.items()) if len(splits) > 1]
-    noise = _describe_noise(root, problems)
+    noise, noise_problems = _describe_noise(root)
+    problems += noise_problems
     split_counts = collections.Counter(c.split for c in clips)
     return {
         "root": str(root),
@@ -490,19 +491,19 @@ def _format_summary(infos: Sequence, max_seconds: float) -> dict:
     }
 
 
-def _describe_noise(root: Path, problems: list) -> list:
-    """``{"file", "seconds", "sample_rate"}`` of each background-noise file; unreadable ones join ``problems``."""
+def _describe_noise(root: Path) -> tuple:
+    """``{"file", "seconds", "sample_rate"}`` of each readable background-noise file, and the problems of the others."""
     import soundfile
 
     folder = root / BACKGROUND_NOISE
-    noise = []
+    noise, problems = [], []
     for path in noise_files(folder) if folder.is_dir() else []:
         try:
             info = soundfile.info(str(path))
             noise.append({"file": path.name, "seconds": round(info.frames / info.samplerate, 2), "sample_rate": info.samplerate})
         except (soundfile.SoundFileError, RuntimeError) as exc:
             problems.append({"path": path.relative_to(root).as_posix(), "problem": f"unreadable: {exc}"})
-    return noise
+    return noise, problems
 
 
 def _check_root(root) -> Path:
