@@ -34,7 +34,7 @@ def _train_parser() -> argparse.ArgumentParser:
     from kws_runtime.spec import PRESET_ALIASES, PRESETS
 
     from .config import AMP_MODES, BALANCING, OPTIMIZERS, SCHEDULES, SGD_LR, TrainConfig
-    from .dataset import TASKS
+    from .dataset import TASKS, UNKNOWN_DRAWS
     from .models import ALIASES, ARCHITECTURES, VARIANT_NAMES
 
     default = TrainConfig.__dataclass_fields__
@@ -78,6 +78,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--unknown-share", type=float, default=default["unknown_share"].default, metavar="F",
                    help="12-class task: other-word clips drawn as _unknown_, as a fraction of the command clips "
                    f"(default {default['unknown_share'].default:g}; 1 takes every other-word clip of a folder this size)")
+    p.add_argument("--unknown-draw", choices=UNKNOWN_DRAWS, default=default["unknown_draw"].default,
+                   help="12-class task: draw the _unknown_ clips from the whole pool (random) or as many from each "
+                   f"other word (per-word, repeating a word's clips when it has fewer; default {default['unknown_draw'].default})")
     p.add_argument("--partial-share", type=float, default=default["partial_share"].default, metavar="F",
                    help="12-class task: command clips moved so only a fragment of the word stays, added to training "
                    "as _unknown_, as a fraction of the command clips (default "
@@ -253,6 +256,7 @@ def _run_train(args) -> int:
         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
         balance=args.balance, augment=not args.no_augment,
         augment_config=_augment_options(args), unknown_share=args.unknown_share,
+        unknown_draw=args.unknown_draw,
         partial_share=args.partial_share, training_speakers=args.training_speakers,
         split=args.split, split_salt=args.salt,
         validation_fraction=args.val_fraction, testing_fraction=args.test_fraction, extra_train=args.extra_train,

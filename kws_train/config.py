@@ -90,6 +90,7 @@ class TrainConfig:
         extra_train: more dataset roots whose clips all join the training split (e.g.
             synthetic speech from ``kws-data synth``); validation and test stay on ``data``.
         silence_share, unknown_share, partial_share: 12-class task composition, fractions (`build_task`).
+        unknown_draw: how ``_unknown_`` clips are drawn (`kws_train.dataset.UNKNOWN_DRAWS`).
         training_speakers: share of the training speakers kept (`RunRecipe`; 1 keeps all).
         teachers: checkpoints of trained models (same labels and features) to distil from
             (`kws_train.distill`); several form an ensemble. Empty: no distillation.
@@ -147,6 +148,7 @@ class TrainConfig:
     extra_train: List[str] = dataclasses.field(default_factory=list)
     silence_share: float = default_of(RunRecipe, "silence_share")
     unknown_share: float = default_of(RunRecipe, "unknown_share")
+    unknown_draw: str = default_of(RunRecipe, "unknown_draw")
     partial_share: float = default_of(RunRecipe, "partial_share")
     training_speakers: float = default_of(RunRecipe, "training_speakers")
     teachers: List[str] = dataclasses.field(default_factory=list)
@@ -264,7 +266,7 @@ class TrainConfig:
         split = SplitRule(self.split, self.split_salt if self.split == "speaker" else "", self.validation_fraction,
                           self.testing_fraction)
         return RunRecipe(spec=self.spec, task=self.task, split=split, silence_share=self.silence_share,
-                         unknown_share=self.unknown_share, partial_share=self.partial_share,
+                         unknown_share=self.unknown_share, unknown_draw=self.unknown_draw, partial_share=self.partial_share,
                          training_speakers=self.training_speakers, seed=self.seed,
                          extra_training=tuple(self.extra_train))
 

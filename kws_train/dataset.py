@@ -44,6 +44,10 @@ LABELS_35 = [
     "backward", "forward", "follow", "learn", "visual",
 ]  # fmt: skip
 TASKS = ("12", "35")
+# How `build_task` draws other-word clips as ``_unknown_``: uniformly from the pool, or the same
+# number from each word (repeating a word's clips when it has fewer), so words the pool holds
+# few of are not also rare in training.
+UNKNOWN_DRAWS = ("random", "per-word")
 
 # TensorFlow's speech_commands input_data.py: the hash is taken modulo 2**27 and scaled by
 # 100 / (2**27 - 1), so a speaker keeps its split as files are added.
@@ -261,11 +265,13 @@ def build_task(
     seed: int = 0,
     spec: FeatureSpec = FeatureSpec(),
     partial_share: float = 0.0,
+    unknown_draw: str = "random",
 ) -> TaskSplit:
     """The examples of one split of a standard task.
 
     12-class: the ten commands keep their word; ``unknown_share`` (a fraction of the number
-    of command clips) other-word clips are drawn as ``_unknown_``, and ``silence_share``
+    of command clips) other-word clips are drawn as ``_unknown_`` (``unknown_draw``:
+    ``"random"`` from the whole pool, ``"per-word"`` as many from each word), and ``silence_share``
     silence examples are cut from ``root``'s background noise at a random start and a gain
     uniform in [0, 1) -- as TensorFlow's recipe does. Clips already labelled ``_unknown_`` /
     ``_silence_`` (the test archive) are kept as they are and nothing is drawn for that label.
@@ -282,6 +288,7 @@ def build_task(
         silence_share, unknown_share, partial_share: fractions of the command-word count.
         seed: drives every random choice; same inputs and seed -> same examples.
         spec: sample rate and clip length used to place silence windows.
+        unknown_draw: one of `UNKNOWN_DRAWS`.
 
     Returns:
         A `TaskSplit`: targets in clip order, then unknown, then silence, then partial-word examples.
@@ -295,6 +302,8 @@ def build_task(
                         ("partial_share", partial_share)):
         if not (value >= 0 and math.isfinite(value)):
             raise DatasetError(f"{name} must be a finite number >= 0, got {value}")
+    if unknown_draw not in UNKNOWN_DRAWS:
+        raise DatasetError(f"unknown_draw {unknown_draw!r}: choose one of {', '.join(UNKNOWN_DRAWS)}")
     chosen = [c for c in clips if c.split == split]
     if task == "35":
         known = set(LABELS_35)
@@ -310,14 +319,35 @@ def build_task(
     unknown = given_unknown
     if not given_unknown and others:
         n = min(len(others), math.ceil(len(targets) * unknown_share))
-        picks = rng.choice(len(others), size=n, replace=False) if n else []
-        unknown = [_example(others[i], UNKNOWN) for i in sorted(picks)]
+        draw = _draw_per_word if unknown_draw == "per-word" else _draw_random
+        unknown = [_example(others[i], UNKNOWN) for i in draw(others, n, rng)]
 
     silence = given_silence
     n_silence = math.ceil(len(targets) * silence_share)
     if not given_silence and n_silence:
         silence = _silence_examples(root, n_silence, rng, spec)
     return TaskSplit(list(LABELS_12), targets + unknown + silence + _partial_examples(targets, partial_share, rng, spec))
+
+
+def _draw_random(clips: list, n: int, rng: np.random.Generator) -> list:
+    """``n`` distinct indices of ``clips``, sorted."""
+    return sorted(rng.choice(len(clips), size=n, replace=False)) if n else []
+
+
+def _draw_per_word(clips: list, n: int, rng: np.random.Generator) -> list:
+    """``n`` indices of ``clips`` spread evenly over their words: each word gets ``n // words``
+    (one more for ``n % words`` of them, chosen at random), its clips shuffled and, when it has
+    fewer, taken round again; sorted."""
+    by_word = collections.defaultdict(list)
+    for i, clip in enumerate(clips):
+        by_word[clip.word].append(i)
+    words = sorted(by_word)
+    extra = set(rng.choice(len(words), size=n % len(words), replace=False)) if n % len(words) else set()
+    picks = []
+    for k, word in enumerate(words):
+        indices = [by_word[word][j] for j in rng.permutation(len(by_word[word]))]
+        picks += [indices[j % len(indices)] for j in range(n // len(words) + (k in extra))]
+    return sorted(picks)
 
 
 def _partial_examples(targets: list, share: float, rng: np.random.Generator, spec: FeatureSpec) -> list:
@@ -529,6 +559,7 @@ def _audio_files(root: Path):
 
 __all__ = [
     "BACKGROUND_NOISE", "COMMANDS", "LABELS_12", "LABELS_35", "SILENCE", "SPLITS", "SPLIT_SEED_OFFSET", "TASKS", "UNKNOWN",
+    "UNKNOWN_DRAWS",
     "AudioError", "Clip", "DatasetError", "Example", "TaskSplit",
     "background_noise", "build_task", "describe_dataset", "index_dataset", "load_example", "noise_files", "read_list",
     "speaker_of", "split_by_speaker", "which_set",

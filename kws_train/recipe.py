@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 from kws_runtime.spec import FeatureSpec, SpecError, versioned_fields
 
 from .dataset import (
-    LABELS_12, LABELS_35, SPLIT_SEED_OFFSET, SPLITS, TASKS, DatasetError, TaskSplit, build_task, index_dataset,
+    LABELS_12, LABELS_35, SPLIT_SEED_OFFSET, SPLITS, TASKS, UNKNOWN_DRAWS, DatasetError, TaskSplit, build_task, index_dataset,
     keep_training_speakers, split_by_speaker,
 )
 
@@ -79,6 +79,7 @@ class RunRecipe:
         split: the `SplitRule`.
         silence_share, unknown_share: 12-class task: silence examples and ``_unknown_`` clips
             drawn per command-word clip (`kws_train.dataset.build_task`).
+        unknown_draw: how the ``_unknown_`` clips are drawn, one of `UNKNOWN_DRAWS`.
         seed: the run's seed; each split draws its examples with ``seed + SPLIT_SEED_OFFSET``.
         extra_training: more dataset folders whose every clip joins the training split only
             (synthetic speech); validation and testing stay on the run's own folder.
@@ -97,6 +98,7 @@ class RunRecipe:
     extra_training: tuple = ()
     partial_share: float = 0.0
     training_speakers: float = 1.0
+    unknown_draw: str = "random"
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -108,6 +110,8 @@ class RunRecipe:
         value = self.training_speakers
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1):
             raise RecipeError(f"training_speakers={value!r}: must be a fraction in (0, 1]")
+        if self.unknown_draw not in UNKNOWN_DRAWS:
+            raise RecipeError(f"unknown_draw={self.unknown_draw!r}: choose one of {', '.join(UNKNOWN_DRAWS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise RecipeError(f"seed must be an integer, got {self.seed!r}")
         object.__setattr__(self, "extra_training", tuple(str(p) for p in self.extra_training))
@@ -144,7 +148,7 @@ class RunRecipe:
                 clips = clips + [dataclasses.replace(c, split="training") for c in index_dataset(extra)]
         return build_task(clips, self.task, split, root=root, silence_share=composition.silence_share,
                           unknown_share=composition.unknown_share, seed=composition.seed + SPLIT_SEED_OFFSET[split],
-                          spec=self.spec,
+                          spec=self.spec, unknown_draw=composition.unknown_draw,
                           # validation and test examples stay comparable across runs
                           partial_share=self.partial_share if split == "training" else 0.0)
 
@@ -164,6 +168,7 @@ class RunRecipe:
             "split": dataclasses.asdict(self.split),
             "silence_share": self.silence_share,
             "unknown_share": self.unknown_share,
+            "unknown_draw": self.unknown_draw,
             "partial_share": self.partial_share,
             "training_speakers": self.training_speakers,
             "seed": self.seed,

@@ -194,6 +194,22 @@ def test_twelve_class_task_draws_unknown_and_silence(real_data, resplit):
     assert other.examples != task.examples
 
 
+def test_a_per_word_draw_takes_as_many_clips_of_each_other_word(real_data, resplit):
+    def unknown_words(draw, share):
+        task = ds.build_task(resplit, "12", "training", root=real_data, unknown_share=share, seed=3, unknown_draw=draw)
+        return collections.Counter(e.path.parent.name for e in task.examples if e.label == ds.UNKNOWN)
+
+    pool = collections.Counter(c.word for c in resplit if c.split == "training" and c.word not in ds.COMMANDS)
+    for share in (0.15, 1.0):
+        drawn = unknown_words("per-word", share)
+        assert set(drawn) == set(pool)  # every other word is heard, however few clips it has
+        assert max(drawn.values()) - min(drawn.values()) <= 1
+        assert sum(drawn.values()) == sum(unknown_words("random", share).values())
+    # a word with fewer clips than its quota has each of them repeated
+    assert min(pool.values()) < max(drawn.values())
+    assert unknown_words("random", 1.0) == pool
+
+
 def test_a_recipe_composes_a_run_split_by_split(real_data, tmp_path):
     recipe = RunRecipe(split=SplitRule("speaker", "tasks", 0.1, 0.1), seed=5)
     splits = {s: recipe.task_split(real_data, s) for s in ds.SPLITS}
@@ -303,6 +319,8 @@ def test_bad_task_arguments(resplit):
         ds.build_task(resplit, "12", "train")
     with pytest.raises(ds.DatasetError, match="unknown_share"):
         ds.build_task(resplit, "12", unknown_share=-0.05)
+    with pytest.raises(ds.DatasetError, match="unknown_draw 'even'"):
+        ds.build_task(resplit, "12", unknown_draw="even")
 
 
 def test_background_noise_is_read_at_16k(real_data):

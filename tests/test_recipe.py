@@ -11,15 +11,20 @@ from kws_train.config import TrainConfig
 
 
 def test_recipe_round_trips_through_json():
-    recipe = RunRecipe(FeatureSpec.preset("fine"), "35", SplitRule("speaker", "x", 0.2, 0.15), 0.05, 0.2, 7, ("synth",))
+    recipe = RunRecipe(FeatureSpec.preset("fine"), "35", SplitRule("speaker", "x", 0.2, 0.15), 0.05, 0.2, 7, ("synth",),
+                       unknown_draw="per-word")
     again = RunRecipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
     assert again == recipe and again.labels == tuple(ds.LABELS_35)
+    # a recipe stored before the draw could be chosen drew at random
+    older = {k: v for k, v in RunRecipe().to_dict().items() if k != "unknown_draw"}
+    assert RunRecipe.from_dict(older).unknown_draw == "random"
 
 
 @pytest.mark.parametrize(
     "change, message",
     [({"version": 2}, "version 2 is not supported"), ({"colour": "blue"}, "unknown field"),
      ({"labels": list(reversed(ds.LABELS_12))}, "in that order"), ({"silence_share": -1}, "silence_share"),
+     ({"unknown_draw": "even"}, "unknown_draw='even': choose one of random, per-word"),
      ({"split": {"method": "random"}}, "split method 'random'"), ({"split": {"validation_fraction": 0.9,
                                                                             "testing_fraction": 0.2}}, "at most 1")],
 )
