@@ -10,7 +10,8 @@ accuracies suggest: only the clips one gets right and the other wrong carry info
     python tools/compare_bundles.py pretrained/bc-resnet-3 pretrained/shufflenet-v2-0.5x --ensemble
 
 ``--ensemble`` adds a row for the average of every bundle's probabilities (bundles with the
-same labels), compared against the first.
+same labels), compared against the first. ``--by-word`` adds each bundle's `_unknown_` recall
+for every word that feeds the class: which other words a model takes for commands.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kws_runtime import Predictor  # noqa: E402
 from kws_runtime.spec import FeatureSpec  # noqa: E402
-from kws_train.dataset import load_example  # noqa: E402
+from kws_train.dataset import UNKNOWN, load_example  # noqa: E402
 from kws_train.recipe import RunRecipe  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_commands_real"
@@ -36,6 +37,11 @@ def test_clips(spec: FeatureSpec, data: Path) -> tuple:
     """Every example of the 12-class task of ``data``: ``(clips (n, samples), labels)``."""
     examples = RunRecipe(spec=spec).task_split(data, "all").examples
     return np.stack([load_example(e, spec) for e in examples]), [e.label for e in examples]
+
+
+def source_words(spec: FeatureSpec, data: Path) -> list:
+    """The word folder of every example of `test_clips` (``_background_noise_`` for silence)."""
+    return [Path(e.path).parent.name for e in RunRecipe(spec=spec).task_split(data, "all").examples]
 
 
 def probabilities(predictor: Predictor, clips: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -64,6 +70,7 @@ def main() -> int:
     p.add_argument("--artifact", default="onnx_int8", help="artifact of every bundle to score (default onnx_int8)")
     p.add_argument("--data", type=Path, default=REAL, help="a Speech Commands folder of unseen speakers")
     p.add_argument("--ensemble", action="store_true", help="also score the average of the bundles' probabilities")
+    p.add_argument("--by-word", action="store_true", help="also print _unknown_ recall for each word that feeds it")
     args = p.parse_args()
     rows, names = [], None  # (bundle, which clips it gets right, its probabilities); the labels
     for bundle in args.bundles:
@@ -86,7 +93,19 @@ def main() -> int:
         fixed, broken = int((right & ~base).sum()), int((base & ~right).sum())
         print(f"{name:<40} {100 * right.mean():8.2f}% {100 * (right.mean() - base.mean()):+6.2f} {fixed:6d} {broken:6d} "
               f"{sign_test(fixed, broken):7.3f}")
+    if args.by_word:
+        print_unknown_recall_by_word(rows, labels, source_words(predictor.spec, args.data))
     return 0
+
+
+def print_unknown_recall_by_word(rows: list, labels: list, words: list) -> None:
+    """One line per word whose clips are labelled `_unknown_`: its clip count and each row's recall."""
+    unknown = np.array(labels) == UNKNOWN
+    print(f"\n_unknown_ recall by word ({unknown.sum()} clips); columns as the rows above")
+    for word in sorted({w for w, u in zip(words, unknown) if u}):
+        mask = unknown & (np.array(words) == word)
+        recalls = " ".join(f"{100 * right[mask].mean():6.1f}%" for _, right, _ in rows)
+        print(f"{word:<10} {mask.sum():4d}  {recalls}")
 
 
 if __name__ == "__main__":
