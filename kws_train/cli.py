@@ -80,7 +80,8 @@ def _train_parser() -> argparse.ArgumentParser:
                    f"(default {default['unknown_share'].default:g}; 1 takes every other-word clip of a folder this size)")
     p.add_argument("--unknown-draw", choices=UNKNOWN_DRAWS, default=default["unknown_draw"].default,
                    help="12-class task: draw the _unknown_ clips from the whole pool (random) or as many from each "
-                   f"other word (per-word, repeating a word's clips when it has fewer; default {default['unknown_draw'].default})")
+                   "other word (per-word, repeating a word's clips when it has fewer; "
+                   f"default {default['unknown_draw'].default})")
     p.add_argument("--partial-share", type=float, default=default["partial_share"].default, metavar="F",
                    help="12-class task: command clips moved so only a fragment of the word stays, added to training "
                    "as _unknown_, as a fraction of the command clips (default "

@@ -266,8 +266,8 @@ class TrainConfig:
         split = SplitRule(self.split, self.split_salt if self.split == "speaker" else "", self.validation_fraction,
                           self.testing_fraction)
         return RunRecipe(spec=self.spec, task=self.task, split=split, silence_share=self.silence_share,
-                         unknown_share=self.unknown_share, unknown_draw=self.unknown_draw, partial_share=self.partial_share,
-                         training_speakers=self.training_speakers, seed=self.seed,
+                         unknown_share=self.unknown_share, unknown_draw=self.unknown_draw,
+                         partial_share=self.partial_share, training_speakers=self.training_speakers, seed=self.seed,
                          extra_training=tuple(self.extra_train))
 
     def to_dict(self) -> dict:

@@ -18,8 +18,8 @@ from typing import Any, Mapping, Optional, Sequence
 from kws_runtime.spec import FeatureSpec, SpecError, versioned_fields
 
 from .dataset import (
-    LABELS_12, LABELS_35, SPLIT_SEED_OFFSET, SPLITS, TASKS, UNKNOWN_DRAWS, DatasetError, TaskSplit, build_task, index_dataset,
-    keep_training_speakers, split_by_speaker,
+    LABELS_12, LABELS_35, SPLIT_SEED_OFFSET, SPLITS, TASKS, UNKNOWN_DRAWS, DatasetError, TaskSplit, build_task,
+    index_dataset, keep_training_speakers, split_by_speaker,
 )
 
 RECIPE_VERSION = 1
