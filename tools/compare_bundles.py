@@ -100,10 +100,10 @@ def main() -> int:
 
 def print_unknown_recall_by_word(rows: list, labels: list, words: list) -> None:
     """One line per word whose clips are labelled `_unknown_`: its clip count and each row's recall."""
-    unknown = np.array(labels) == UNKNOWN
+    words, unknown = np.array(words), np.array(labels) == UNKNOWN
     print(f"\n_unknown_ recall by word ({unknown.sum()} clips); columns as the rows above")
-    for word in sorted({w for w, u in zip(words, unknown) if u}):
-        mask = unknown & (np.array(words) == word)
+    for word in sorted(set(words[unknown])):
+        mask = unknown & (words == word)
         recalls = " ".join(f"{100 * right[mask].mean():6.1f}%" for _, right, _ in rows)
         print(f"{word:<10} {mask.sum():4d}  {recalls}")
 
