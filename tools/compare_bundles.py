@@ -73,12 +73,15 @@ def main() -> int:
     p.add_argument("--by-word", action="store_true", help="also print _unknown_ recall for each word that feeds it")
     args = p.parse_args()
     rows, names = [], None  # (bundle, which clips it gets right, its probabilities); the labels
+    loaded = {}  # bundles with the same features score the same clips: load them once
     for bundle in args.bundles:
         predictor = Predictor(bundle, artifact=args.artifact, threads=1)
         names = list(predictor.labels) if names is None else names
         if list(predictor.labels) != names:
             raise SystemExit(f"{bundle}: its labels differ from {args.bundles[0]}'s")
-        clips, labels = test_clips(predictor.spec, args.data)
+        if predictor.spec not in loaded:
+            loaded[predictor.spec] = test_clips(predictor.spec, args.data)
+        clips, labels = loaded[predictor.spec]
         scores = probabilities(predictor, clips)
         if rows and len(scores) != len(rows[0][2]):
             raise SystemExit(f"{bundle}: scored {len(scores)} clips, the baseline {len(rows[0][2])}: other features or data")
