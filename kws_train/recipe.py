@@ -77,10 +77,12 @@ class RunRecipe:
         spec: the features (also the clip length and rate silence windows are cut with).
         task: ``"12"`` or ``"35"``; `labels` follow from it.
         split: the `SplitRule`.
-        silence_share, unknown_share: 12-class task: silence examples and ``_unknown_`` clips
-            drawn per command-word clip (`kws_train.dataset.build_task`).
-        unknown_draw: how the ``_unknown_`` clips are drawn, one of `UNKNOWN_DRAWS`.
-        seed: the run's seed; each split draws its examples with ``seed + SPLIT_SEED_OFFSET``.
+        silence_share, unknown_share: 12-class task, training split: silence examples and
+            ``_unknown_`` clips drawn per command-word clip (`kws_train.dataset.build_task`).
+            The defaults compose every other split (`task_split`).
+        unknown_draw: how the training ``_unknown_`` clips are drawn, one of `UNKNOWN_DRAWS`.
+        seed: the run's seed; the training split draws its examples with
+            ``seed + SPLIT_SEED_OFFSET["training"]``.
         extra_training: more dataset folders whose every clip joins the training split only
             (synthetic speech); validation and testing stay on the run's own folder.
         partial_share: 12-class task, training split only: command clips drawn again, moved
@@ -127,18 +129,21 @@ class RunRecipe:
         Args:
             root: the run's Speech Commands folder (or another one to score on).
             split: ``"training"``, ``"validation"``, ``"testing"``, or ``"all"``: every clip of
-                ``root`` as a test example, whatever its split (a folder of unseen speakers),
-                composed with the default shares and seed whatever the run's own, so that every
-                run scored on that folder is scored on the same examples.
+                ``root`` as a test example, whatever its split (a folder of unseen speakers).
             clips: ``index_dataset(root)``, when the caller builds several splits and indexes once.
+
+        Only the training split follows the run's shares, draw and seed. The others are composed
+        with the defaults (10 % silence, 10 % unknown drawn at random, seed 0) whatever the run's,
+        so that every run scored on a folder's validation, testing or whole set is scored on the
+        same examples, and the testing split keeps the standard composition.
         """
         if split not in SPLITS + ("all",):
             raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS + ('all',))}")
         clips = index_dataset(root) if clips is None else list(clips)
-        rule, composition = self.split, self
+        rule = self.split
         if split == "all":
             clips, rule, split = [dataclasses.replace(c, split="testing") for c in clips], SplitRule(), "testing"
-            composition = RunRecipe(spec=self.spec, task=self.task)
+        composition = self if split == "training" else RunRecipe(spec=self.spec, task=self.task)
         if rule.method == "speaker":
             clips = split_by_speaker(clips, rule.validation_fraction, rule.testing_fraction, rule.salt)
         if split == "training":
@@ -149,8 +154,7 @@ class RunRecipe:
         return build_task(clips, self.task, split, root=root, silence_share=composition.silence_share,
                           unknown_share=composition.unknown_share, seed=composition.seed + SPLIT_SEED_OFFSET[split],
                           spec=self.spec, unknown_draw=composition.unknown_draw,
-                          # validation and test examples stay comparable across runs
-                          partial_share=self.partial_share if split == "training" else 0.0)
+                          partial_share=composition.partial_share)
 
     def describe_split(self) -> str:
         """The split rule in words, for messages."""

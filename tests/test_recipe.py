@@ -37,9 +37,13 @@ def test_bad_recipes_are_refused_naming_the_field(change, message):
 def test_train_config_derives_its_recipe_and_defaults_from_it():
     config = TrainConfig(data="d", split="speaker", split_salt="s", silence_share=0.2, extra_train=["x"], seed=4)
     recipe = config.recipe
-    assert recipe == RunRecipe(FeatureSpec.preset("fine"), "12", SplitRule("speaker", "s", 0.1, 0.1), 0.2, 0.1, 4, ("x",))
+    assert recipe == RunRecipe(FeatureSpec.preset("fine"), "12", SplitRule("speaker", "s", 0.1, 0.1), 0.2, 0.2, 4, ("x",),
+                               unknown_draw="per-word")
     plain = TrainConfig(data="d")
     assert plain.recipe.split == SplitRule() and plain.silence_share == RunRecipe().silence_share
+    # a new run draws _unknown_ its own way; the recipe's defaults stay the standard composition
+    assert (plain.unknown_share, plain.unknown_draw) == (0.2, "per-word")
+    assert (RunRecipe().unknown_share, RunRecipe().unknown_draw) == (0.1, "random")
     with pytest.raises(ValueError, match="validation_fraction"):
         TrainConfig(data="d", validation_fraction=1.5)
 
@@ -52,9 +56,9 @@ def test_a_checkpoint_without_a_recipe_is_converted_once(real_data):
     assert converted == RunRecipe(spec, "12", SplitRule("speaker", "tasks", 0.1, 0.1), 0.2, 0.05, 3, ())
     # and it rebuilds what the old composition (by hand) gave
     clips = ds.split_by_speaker(ds.index_dataset(real_data), 0.1, 0.1, "tasks")
-    by_hand = ds.build_task(clips, "12", "validation", root=real_data, silence_share=0.2, unknown_share=0.05,
-                            seed=3 + ds.SPLIT_SEED_OFFSET["validation"], spec=spec)
-    assert converted.task_split(real_data, "validation").examples == by_hand.examples
+    by_hand = ds.build_task(clips, "12", "training", root=real_data, silence_share=0.2, unknown_share=0.05,
+                            seed=3 + ds.SPLIT_SEED_OFFSET["training"], spec=spec)
+    assert converted.task_split(real_data, "training").examples == by_hand.examples
     # a stored recipe wins over the loose fields
     assert recipe_from_config({**legacy, "recipe": RunRecipe(spec).to_dict()}, spec, ds.LABELS_12) == RunRecipe(spec)
 
@@ -65,14 +69,22 @@ def test_labels_name_their_task_in_order_only():
         task_of_labels(sorted(ds.LABELS_12))
 
 
-def test_every_run_is_scored_on_the_same_examples_of_an_unseen_folder(real_data):
-    spec = FeatureSpec.preset("librosa")
+def test_every_run_is_scored_on_the_same_examples(real_data):
+    spec, rule = FeatureSpec.preset("librosa"), SplitRule("speaker", "tasks", 0.1, 0.1)
     shared = RunRecipe(spec).task_split(real_data, "all").examples
-    other = RunRecipe(spec, silence_share=0.3, unknown_share=1.0, seed=5, partial_share=0.2)
+    other = RunRecipe(spec, split=rule, silence_share=0.3, unknown_share=1.0, seed=5, partial_share=0.2,
+                      unknown_draw="per-word")
     assert other.task_split(real_data, "all").examples == shared
-    # its own splits still follow its shares
-    assert other.task_split(real_data, "testing").examples != RunRecipe(spec).task_split(real_data, "testing").examples
     assert {e.label for e in shared} == set(ds.LABELS_12)
+    # its validation and testing splits are the standard composition of its speakers ...
+    standard = RunRecipe(spec, split=rule)
+    for split in ("validation", "testing"):
+        assert other.task_split(real_data, split).examples == standard.task_split(real_data, split).examples
+    # ... and only its training split follows its shares, draw and seed
+    trained = other.task_split(real_data, "training").examples
+    assert trained != standard.task_split(real_data, "training").examples
+    assert sum(e.label == ds.UNKNOWN for e in trained) > 2 * sum(
+        e.label == ds.UNKNOWN for e in standard.task_split(real_data, "training").examples)
 
 
 def test_a_share_of_training_speakers_trains_on_nested_subsets_of_whole_speakers(real_data):
