@@ -306,11 +306,12 @@ def export_bundle(
         warnings_.append(message)
         log(f"warning: {message}")
 
-    formats = _drop_unavailable(formats, warn)
     with scorecard.torch_threads(threads) if threads else contextlib.nullcontext():
         ckpt, recipe = _load(checkpoint_path)
         out_dir = Path(out_dir)
         _check_out_dir(out_dir, force)
+        # after the checks of the inputs, so that a bad one is the only line printed
+        formats = _drop_unavailable(formats, warn)
         data = _export_data(recipe, calib_root, test_root, calib_clips=calib_clips, selection_clips=selection_clips,
                             test_clips=test_clips, test_split=test_split, seed=seed, log=log, warn=warn)
         _prepare_out_dir(out_dir, force)

@@ -100,6 +100,8 @@ def main(argv=None) -> int:
             data=args.data, out=str(folder), architecture=architecture, variant=variant, task="12",
             features=features, epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed,
             split="speaker", split_salt=SALT, validation_fraction=0.1, testing_fraction=0.1,
+            # the draw these runs were measured with, before the per-word draw became the default
+            unknown_share=0.1, unknown_draw="random",
             extra_train=args.synth or [], cache_dir=str(out / "cache"),
             threads=args.threads, resume=(folder / "last.pt").is_file(), quiet=False,
         )
