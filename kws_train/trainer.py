@@ -277,7 +277,10 @@ def _load_resume_state(config: TrainConfig) -> Optional[tuple]:
     if recipe.spec != config.spec:
         changed.append(f"features: {stored.config.get('features', recipe.spec)!r} -> {config.features!r}")
     if changed:
-        raise TrainError(f"{path}: cannot resume with different settings ({'; '.join(changed)})")
+        hint = "give the options the run was started with"
+        if theirs["unknown_draw"] == "random" != ours["unknown_draw"]:
+            hint += " (a run started before the per-word draw became the default: --unknown-draw random --unknown-share 0.1)"
+        raise TrainError(f"{path}: cannot resume with different settings ({'; '.join(changed)}); {hint}")
     return path, stored.model.state_dict(), state
 
 

@@ -98,6 +98,10 @@ def test_resume_continues_exactly(trained, tiny_data, tmp_path):
 def test_resume_refuses_other_settings_and_missing_state(trained, tiny_data, tmp_path):
     with pytest.raises(TrainError, match="variant"):
         train(tiny_config(tiny_data, trained.out, variant="default", resume=True))
+    # a run of the earlier default draw, resumed under today's default: said how to go on
+    train(tiny_config(tiny_data, tmp_path / "older", unknown_draw="random", unknown_share=0.1, epochs=1))
+    with pytest.raises(TrainError, match=r"unknown_draw: 'random' -> 'per-word'.*--unknown-draw random --unknown-share 0\.1"):
+        train(tiny_config(tiny_data, tmp_path / "older", epochs=2, resume=True))
     with pytest.raises(TrainError, match="nothing to resume"):
         train(tiny_config(tiny_data, tmp_path / "fresh", resume=True))
     assert not (tmp_path / "fresh").exists()  # a failed start leaves no empty run folder
