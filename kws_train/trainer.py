@@ -278,8 +278,9 @@ def _load_resume_state(config: TrainConfig) -> Optional[tuple]:
         changed.append(f"features: {stored.config.get('features', recipe.spec)!r} -> {config.features!r}")
     if changed:
         hint = "give the options the run was started with"
-        if theirs["unknown_draw"] == "random" != ours["unknown_draw"]:
-            hint += " (a run started before the per-word draw became the default: --unknown-draw random --unknown-share 0.1)"
+        if (theirs["unknown_draw"], theirs["unknown_share"]) != (ours["unknown_draw"], ours["unknown_share"]):
+            # runs from before the per-word default differ here without any option given
+            hint += f" (here --unknown-draw {theirs['unknown_draw']} --unknown-share {theirs['unknown_share']:g})"
         raise TrainError(f"{path}: cannot resume with different settings ({'; '.join(changed)}); {hint}")
     return path, stored.model.state_dict(), state
 
