@@ -75,6 +75,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=default["label_smoothing"].default, metavar="E")
     p.add_argument("--balance", choices=BALANCING, default=default["balance"].default,
                    help=f"class balancing: loss weights, a balanced sampler, or none (default {default['balance'].default})")
+    p.add_argument("--silence-share", type=float, default=default["silence_share"].default, metavar="F",
+                   help="12-class task: silence windows cut from the background noise, as a fraction of the command "
+                   f"clips (default {default['silence_share'].default:g})")
     p.add_argument("--unknown-share", type=float, default=default["unknown_share"].default, metavar="F",
                    help="12-class task: other-word clips drawn as _unknown_, as a fraction of the command clips "
                    f"(default {default['unknown_share'].default:g}; 1 takes every other-word clip of a folder this size)")
@@ -256,7 +259,7 @@ def _run_train(args) -> int:
         features=args.features, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
         balance=args.balance, augment=not args.no_augment,
-        augment_config=_augment_options(args), unknown_share=args.unknown_share,
+        augment_config=_augment_options(args), silence_share=args.silence_share, unknown_share=args.unknown_share,
         unknown_draw=args.unknown_draw,
         partial_share=args.partial_share, training_speakers=args.training_speakers,
         split=args.split, split_salt=args.salt,

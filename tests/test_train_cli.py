@@ -45,14 +45,14 @@ def test_train_save_predict_eval(tiny_data, tmp_path, capsys, monkeypatch):
                  "--features", "seed", "--split", "speaker", "--salt", SALT, "--val-fraction", "0.2",
                  "--test-fraction", "0.2", "--out", str(out), "--threads", "1", "--seed", "1", "--shift-ms", "250",
                  "--speed", "0.9", "1.1", "--snr", "5", "30", "--freq-mask-bands", "4", "--time-mask-ms", "190",
-                 "--unknown-share", "0.3", "--unknown-draw", "per-word", "--mixup", "0.2", "-q"])
+                 "--silence-share", "0.05", "--unknown-share", "0.3", "--unknown-draw", "per-word", "--mixup", "0.2", "-q"])
     assert code == 0
     config = torch.load(out / "best.pt", weights_only=False)["config"]
     assert config["augment_config"] == {"shift_ms": 250.0, "snr_db": [5.0, 30.0], "speed": [0.9, 1.1],
                                         "freq_mask_bands": 4, "time_mask_ms": 190.0}
     assert config["augment_resolved"]["freq_mask_bands"] == 4 and config["augment_resolved"]["freq_masks"] == 2
     assert config["unknown_share"] == 0.3 and config["mixup"] == 0.2
-    assert config["recipe"]["unknown_draw"] == "per-word"
+    assert config["recipe"]["unknown_draw"] == "per-word" and config["recipe"]["silence_share"] == 0.05
     assert {"best.pt", "last.pt", "metrics.jsonl", "curves.png", "confusion.png"} <= {p.name for p in out.iterdir()}
     # -s updated the default weights file (./weights/<architecture>.pt)
     weights = tmp_path / "weights" / "mobilenet_v2.pt"
@@ -83,7 +83,8 @@ def test_train_save_predict_eval(tiny_data, tmp_path, capsys, monkeypatch):
                  "--features", "seed", "--split", "speaker", "--salt", SALT, "--val-fraction", "0.2",
                  "--test-fraction", "0.2", "--out", str(out), "--resume", "--seed", "1", "--shift-ms", "250",
                  "--speed", "0.9", "1.1", "--snr", "5", "30", "--freq-mask-bands", "4", "--time-mask-ms", "190",
-                 "--unknown-share", "0.3", "--unknown-draw", "per-word", "--mixup", "0.2", "-q"]) == 0
+                 "--silence-share", "0.05", "--silence-share", "0.05", "--unknown-share", "0.3", "--unknown-draw", "per-word", "--mixup", "0.2",
+                 "-q"]) == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
