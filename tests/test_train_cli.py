@@ -45,7 +45,8 @@ def test_train_save_predict_eval(tiny_data, tmp_path, capsys, monkeypatch):
                  "--features", "seed", "--split", "speaker", "--salt", SALT, "--val-fraction", "0.2",
                  "--test-fraction", "0.2", "--out", str(out), "--threads", "1", "--seed", "1", "--shift-ms", "250",
                  "--speed", "0.9", "1.1", "--snr", "5", "30", "--freq-mask-bands", "4", "--time-mask-ms", "190",
-                 "--silence-share", "0.05", "--unknown-share", "0.3", "--unknown-draw", "per-word", "--mixup", "0.2", "-q"])
+                 "--silence-share", "0.05", "--unknown-share", "0.3", "--unknown-draw", "per-word", "--mixup", "0.2",
+                 "-q"])
     assert code == 0
     config = torch.load(out / "best.pt", weights_only=False)["config"]
     assert config["augment_config"] == {"shift_ms": 250.0, "snr_db": [5.0, 30.0], "speed": [0.9, 1.1],
@@ -83,7 +84,7 @@ def test_train_save_predict_eval(tiny_data, tmp_path, capsys, monkeypatch):
                  "--features", "seed", "--split", "speaker", "--salt", SALT, "--val-fraction", "0.2",
                  "--test-fraction", "0.2", "--out", str(out), "--resume", "--seed", "1", "--shift-ms", "250",
                  "--speed", "0.9", "1.1", "--snr", "5", "30", "--freq-mask-bands", "4", "--time-mask-ms", "190",
-                 "--silence-share", "0.05", "--silence-share", "0.05", "--unknown-share", "0.3", "--unknown-draw", "per-word", "--mixup", "0.2",
+                 "--silence-share", "0.05", "--unknown-share", "0.3", "--unknown-draw", "per-word", "--mixup", "0.2",
                  "-q"]) == 0
 
 
