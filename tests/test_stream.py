@@ -175,7 +175,7 @@ def test_the_sweep_replays_what_a_live_detector_fires(real_data, threshold):
     """evaluate-stream scores a stream once and replays the scores at each threshold; the events
     must be those a detector with that threshold fires while listening. (Hits need not fall as
     the threshold rises: at a lower one another word can fire first and claim the keyword, or a
-    false alarm's suppression hide it; bundles trained here show both.)"""
+    false alarm's suppression cover it.)"""
     audio, _ = build_stream(real_data, 30, 10.0, seed=0)
     recorder = Detector(PRETRAINED, threads=1)
     replayed = replay(*record_scores(recorder, audio), DetectorConfig(threshold=threshold), recorder.labels)
