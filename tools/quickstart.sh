@@ -86,7 +86,7 @@ else
 fi
 echo "-- $BUNDLE (trained just now):"
 $bin/kws predict "$BUNDLE" "${demo[@]}"
-echo "-- $PRETRAINED (trained on 8,239 real clips of 1,713 speakers):"
+echo "-- $PRETRAINED (trained on real clips of 1,713 speakers):"
 $bin/kws predict "$PRETRAINED" "${demo[@]}"
 
 accuracy() {  # int8 accuracy and test clips recorded in a bundle's manifest
@@ -97,8 +97,8 @@ cat <<EOF
 Accuracy (12 classes, int8): the model trained just now $(accuracy "$BUNDLE"); the shipped one
 $(accuracy "$PRETRAINED") of speakers it never heard.
 What to expect: a model trained for minutes on synthetic speech alone knows eSpeak's voices, not
-people's, so on real recordings it is far behind the shipped one, which learned from 8,239 real
-clips. Train on real data (below) for real accuracy.
+people's, so on real recordings it is far behind the shipped one, which learned from real
+recordings of 1,713 speakers. Train on real data (below) for real accuracy.
 
 Where everything is:
   runs/quickstart-stream/     the 30 s recording (stream-10dB.wav), what is said where (.csv), report.json
